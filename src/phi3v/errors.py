@@ -1,0 +1,43 @@
+"""Errors raised by phi3v. Every message names the problem and, where possible, the fix.
+
+All inherit from Phi3VError so callers (CLI, server, batch) can catch one type and
+report `str(err)` to a person without a traceback.
+"""
+
+
+class Phi3VError(Exception):
+    """Base class of every error phi3v raises on purpose."""
+
+
+class ImageError(Phi3VError):
+    """An image could not be read or used (unreadable, unsupported, too large, bad base64...)."""
+
+
+class TooManyImagesError(Phi3VError):
+    """More images than the caller's limit allows."""
+
+
+class PromptError(Phi3VError):
+    """The prompt or messages are malformed (bad <|image_N|> tags, wrong roles, ...)."""
+
+
+class PromptTooLongError(Phi3VError):
+    """Prompt tokens (text + image tokens) plus max_new_tokens exceed the context."""
+
+    def __init__(self, message: str, *, prompt_tokens: int, image_tokens: int, limit: int):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.image_tokens = image_tokens
+        self.limit = limit
+
+
+class ModelNotFoundError(Phi3VError):
+    """The model is neither a local folder nor a reachable / cached hub id."""
+
+
+class CheckpointError(Phi3VError):
+    """A checkpoint is malformed: missing, unexpected or mis-shaped tensor, bad config."""
+
+
+class DeviceError(Phi3VError):
+    """The requested device or dtype is not available (e.g. cuda without CUDA)."""
