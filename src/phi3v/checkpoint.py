@@ -1,0 +1,362 @@
+"""Find a model folder and load its safetensors weights strictly.
+
+`resolve_model_dir(name)` turns a local folder or a hub id ("owner/name") into a folder that holds
+config.json, the tokenizer files and the weights.  Hub ids go through huggingface_hub's own cache
+(HF_HOME / HF_HUB_CACHE); the cache is always tried first so a cached model never touches the network.
+
+`load_weights(module, folder, dtype=..., device=...)` copies the checkpoint tensors into a torch module
+whose parameter / persistent-buffer names are the checkpoint names (spec §2).  It is strict: a
+missing, unexpected or mis-shaped tensor raises CheckpointError before anything is assigned.
+Files are memory-mapped by safetensors; each tensor goes straight to its target dtype and device,
+and a same-dtype CPU load keeps the memory-mapped tensor itself (no second copy, no fp32 detour).
+It works for modules built on the meta device (`with torch.device("meta"): m = Model(cfg)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ModelNotFoundError
+
+SUPPORTED_HUB_MODELS = ("microsoft/Phi-3-vision-128k-instruct", "microsoft/Phi-3.5-vision-instruct")
+
+# Files a model folder needs: config / generation / preprocessor / index json, the weights, the
+# tokenizer (tokenizer.json, tokenizer_config.json; special_tokens_map.json matches *.json).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# "owner/name" as the hub accepts it: letters, digits, "-", "_", "."; no "--" or ".." (hub rules).
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+
+_SUPPORTED_HINT = (f"supported: {', '.join(SUPPORTED_HUB_MODELS)}, or a local folder "
+                   "with config.json and *.safetensors")
+_LOCAL_HINT = ('point at a local folder instead: phi3v.load("/path/to/folder") in Python, '
+               "--model /path/to/folder on the command line")
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_model_dir
+# ---------------------------------------------------------------------------------------------
+
+def is_repo_id(name: str) -> bool:
+    """True for a well-formed hub id "owner/name"."""
+    return bool(_REPO_ID_RE.match(name)) and "--" not in name and ".." not in name
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "~", ".", "\\")) or name.count("/") > 1 or "\\" in name
+            or (len(name) > 1 and name[1] == ":"))
+
+
+def resolve_model_dir(name_or_path, *, progress: bool = True, revision: str | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> Path:
+    """A folder holding the model files.
+
+    - an existing folder: itself (it must contain config.json);
+    - a hub id "owner/name": its snapshot in the Hugging Face cache, downloaded first when missing
+      (only *.json, *.safetensors and tokenizer* files), with huggingface_hub's progress bars on
+      stderr unless progress=False;
+    - anything else: ModelNotFoundError.
+    Offline (HF_HUB_OFFLINE=1 or no network) and not cached: ModelNotFoundError saying so.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelNotFoundError(f"model must be a hub id or a folder path, got {type(name_or_path).__name__}")
+    name = os.fspath(name_or_path)
+    if not name.strip():
+        raise ModelNotFoundError(f"empty model name ({_SUPPORTED_HINT})")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return _check_model_folder(local.resolve(), shown=name)
+    if local.exists():
+        raise ModelNotFoundError(f"model path {name!r} is a file, not a model folder ({_SUPPORTED_HINT})")
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(name) or not is_repo_id(name):
+        reason = "no such folder" if _looks_like_path(name) else "not a local folder nor a hub id owner/name"
+        raise ModelNotFoundError(f"unknown model {name!r}: {reason} ({_SUPPORTED_HINT})")
+    return _resolve_hub_id(name, progress=progress, revision=revision, cache_dir=cache_dir)
+
+
+def _check_model_folder(folder: Path, *, shown: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model folder {shown!r} has no config.json; a model folder holds config.json, "
+            f"{SINGLE_FILE} or {INDEX_FILE} with its shards, and the tokenizer files")
+    return folder
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub saw it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "ON", "YES", "TRUE"}
+
+
+def _cache_location(cache_dir) -> str:
+    from huggingface_hub import constants
+
+    return str(cache_dir or constants.HF_HUB_CACHE)
+
+
+def _resolve_hub_id(repo_id: str, *, progress: bool, revision: str | None, cache_dir) -> Path:
+    cached = _from_cache(repo_id, revision=revision, cache_dir=cache_dir)
+    if cached is not None and (cached / "config.json").is_file():
+        return cached
+    where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+    if _hub_offline():
+        raise ModelNotFoundError(
+            f"model {where} is not in the Hugging Face cache ({_cache_location(cache_dir)}) and the hub is "
+            f"offline (HF_HUB_OFFLINE=1), so it cannot be downloaded; unset HF_HUB_OFFLINE and retry, or "
+            f"{_LOCAL_HINT}")
+    folder = _download(repo_id, revision=revision, progress=progress, cache_dir=cache_dir)
+    return _check_model_folder(folder, shown=f"{repo_id} -> {folder}")
+
+
+def _from_cache(repo_id: str, *, revision: str | None, cache_dir) -> Path | None:
+    """The cached snapshot folder, or None; never uses the network (local_files_only=True)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                      cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:  # includes IncompleteSnapshotError in newer huggingface_hub
+        return None
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn huggingface_hub's tqdm bars off for the duration (global switch, restored after)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+def _download(repo_id: str, *, revision: str | None, progress: bool, cache_dir) -> Path:
+    """Download the snapshot over the network (the only function here that may use it)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+
+    where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+    try:
+        with _progress_bars(progress):
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                                          cache_dir=cache_dir))
+    except GatedRepoError as err:
+        raise ModelNotFoundError(
+            f"model {where} is gated on the hub: accept its licence on huggingface.co and log in "
+            f"(`hf auth login` or HF_TOKEN), or {_LOCAL_HINT}") from err
+    except RepositoryNotFoundError as err:
+        raise ModelNotFoundError(
+            f"model {where} was not found on the hub (wrong id, or private without a token); "
+            f"{_SUPPORTED_HINT}") from err
+    except RevisionNotFoundError as err:
+        raise ModelNotFoundError(f"revision {revision!r} of {repo_id!r} was not found on the hub") from err
+    except (LocalEntryNotFoundError, ConnectionError) as err:
+        raise ModelNotFoundError(
+            f"model {where} is not in the Hugging Face cache ({_cache_location(cache_dir)}) and the hub "
+            f"cannot be reached (offline or no network), so it cannot be downloaded; {_LOCAL_HINT}") from err
+    except OSError as err:  # other HTTP errors (HfHubHTTPError is an OSError), disk full, ...
+        raise ModelNotFoundError(f"could not download model {where}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# load_weights
+# ---------------------------------------------------------------------------------------------
+
+def unused_vision_patterns(num_vision_layers: int) -> tuple[str, ...]:
+    """Regexes of the checkpoint tensors Phi-3-V never uses: CLIP's post_layernorm and its last
+    encoder layer (features come from the penultimate layer, spec §2/§4).  For `skip_unused`."""
+    clip = r"^model\.vision_embed_tokens\.img_processor\.vision_model\."
+    return (clip + r"post_layernorm\.", clip + rf"encoder\.layers\.{num_vision_layers - 1}\.")
+
+
+def checkpoint_files(model_dir) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from model.safetensors.index.json or model.safetensors."""
+    folder = Path(model_dir)
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_path} is not a valid index file (needs a 'weight_map'): {err}") from err
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: 'weight_map' must be a non-empty object")
+        files = {name: folder / str(file) for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise CheckpointError(f"{index_path} names the shard {file.name}, which is missing in {folder}")
+        return files
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in _open(single).keys()}
+    raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+
+
+def _open(file: Path):
+    from safetensors import safe_open
+
+    try:
+        # Memory-maps the file; get_tensor returns tensors backed by the mapping.
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
+        raise CheckpointError(f"cannot read safetensors file {file}: {err}") from err
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise CheckpointError(f"unknown dtype {dtype!r}")
+    return found
+
+
+class _Slot:
+    """One tensor of the module, reachable under one or more names (tied / shared modules)."""
+
+    __slots__ = ("names", "owners", "is_param", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, is_param: bool):
+        self.names: list[str] = []
+        self.owners: list[tuple[nn.Module, str]] = []
+        self.is_param, self.tensor = is_param, tensor
+
+
+def _module_slots(module: nn.Module) -> tuple[list[_Slot], list[tuple[str, nn.Module, str]]]:
+    """Parameters + persistent buffers grouped by tensor identity, and the non-persistent buffers."""
+    slots: dict[int, _Slot] = {}
+    transient: list[tuple[str, nn.Module, str]] = []
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for attr, param in sub._parameters.items():
+            if param is not None:
+                slot = slots.setdefault(id(param), _Slot(param, True))
+                slot.names.append(dot + attr)
+                slot.owners.append((sub, attr))
+        for attr, buf in sub._buffers.items():
+            if buf is None:
+                continue
+            if attr in sub._non_persistent_buffers_set:
+                transient.append((dot + attr, sub, attr))
+                continue
+            slot = slots.setdefault(id(buf), _Slot(buf, False))
+            slot.names.append(dot + attr)
+            slot.owners.append((sub, attr))
+    return list(slots.values()), transient
+
+
+def _listing(names: Iterable[str], limit: int = 10) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_weights(module: nn.Module, model_dir, *, dtype=torch.bfloat16, device="cpu",
+                 skip_unused: Iterable[str] = (), skip: Iterable[str] | None = None,
+                 dtype_for: Callable[[str], torch.dtype | None] | None = None,
+                 allow_meta_buffers: bool = False) -> None:
+    """Load every parameter and persistent buffer of `module` from the checkpoint in `model_dir`.
+
+    dtype:       target dtype of floating tensors (torch.dtype or name); None keeps each module
+                 tensor's own dtype.  Integer tensors keep their stored dtype.
+    device:      target device; tensors are converted there one by one.
+    skip_unused: regexes (re.search) of checkpoint tensors the module does not have and may ignore,
+                 e.g. unused_vision_patterns(n).  `skip` is an alias (architecture.md's name).
+    dtype_for:   optional name -> dtype override (return None for the default), e.g. keep norms in fp32.
+    allow_meta_buffers: leave non-persistent buffers that are still on the meta device (the caller
+                 will build them); otherwise they raise CheckpointError.
+    Errors (CheckpointError, raised before anything is assigned): missing tensors, unexpected
+    tensors, shape mismatches, unreadable files.  Loaded parameters have requires_grad=False.
+    """
+    dtype = _as_dtype(dtype)
+    device = torch.device(device)
+    patterns = [re.compile(p) for p in (*skip_unused, *(skip or ()))]
+    folder = Path(model_dir)
+    files = checkpoint_files(folder)
+
+    handles = {file: _open(file) for file in sorted(set(files.values()))}
+    present = {file: set(h.keys()) for file, h in handles.items()}
+    for name, file in files.items():
+        if name not in present[file]:
+            raise CheckpointError(f"{INDEX_FILE} maps tensor {name} to {file.name}, which does not contain it")
+
+    slots, transient = _module_slots(module)
+    module_names = {n for slot in slots for n in slot.names}
+
+    # --- validate everything first: the module stays untouched when the checkpoint does not fit ---
+    missing: list[str] = []
+    mismatched: list[str] = []
+    chosen: list[tuple[_Slot, str]] = []  # (slot, checkpoint name to load it from)
+    for slot in slots:
+        found = [n for n in slot.names if n in files]
+        if not found:
+            missing.append(slot.names[0])
+            continue
+        for n in found:
+            stored = tuple(handles[files[n]].get_slice(n).get_shape())
+            if stored != tuple(slot.tensor.shape):
+                mismatched.append(f"{n}: checkpoint {list(stored)} vs module {list(slot.tensor.shape)}")
+        chosen.append((slot, found[0]))
+    unexpected = [n for n in files if n not in module_names and not any(p.search(n) for p in patterns)]
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing from the checkpoint: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) in the checkpoint: {_listing(sorted(unexpected))}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} does not fit the model: " + "; ".join(problems))
+
+    # --- load: one tensor at a time, straight from the mapping to dtype/device ---
+    for slot, name in chosen:
+        stored = handles[files[name]].get_tensor(name)  # backed by the file mapping, not copied
+        target = stored.dtype
+        if stored.is_floating_point():
+            override = dtype_for(name) if dtype_for is not None else None
+            target = override or dtype or slot.tensor.dtype
+        # A no-op (same tensor) when dtype and device already match: zero copies.
+        value = stored.to(device=device, dtype=target)
+        new = nn.Parameter(value, requires_grad=False) if slot.is_param else value
+        for owner, attr in slot.owners:
+            if slot.is_param:
+                owner._parameters[attr] = new
+            else:
+                owner._buffers[attr] = new
+
+    # --- non-persistent buffers (rope tables ...): follow the device, never left on meta silently ---
+    still_meta = []
+    for full_name, owner, attr in transient:
+        buf = owner._buffers[attr]
+        if buf.is_meta:
+            still_meta.append(full_name)
+        elif buf.device != device:
+            owner._buffers[attr] = buf.to(device)
+    if still_meta and not allow_meta_buffers:
+        raise CheckpointError(
+            f"non-persistent buffer(s) still on the meta device after loading: {_listing(still_meta)}; "
+            "create them outside the meta context or after loading (allow_meta_buffers=True)")
+    leftover = [n for n, t in module.named_parameters(remove_duplicate=False) if t.is_meta]
+    leftover += [n for n, t in module.named_buffers(remove_duplicate=False)
+                 if t.is_meta and n not in still_meta]
+    if leftover:  # cannot happen after the checks above; kept as a guard for exotic modules
+        raise CheckpointError(f"tensor(s) left on the meta device after loading: {_listing(leftover)}")
