@@ -22,7 +22,11 @@ def golden_dir() -> pathlib.Path:
 
 def load_index() -> dict:
     """The whole cases.json of the golden set."""
-    with open(golden_dir() / "cases.json", encoding="utf-8") as f:
+    index = golden_dir() / "cases.json"
+    if not index.is_file():
+        where = "PHI3V_GOLDEN_DIR" if os.environ.get("PHI3V_GOLDEN_DIR") else "the default tests/golden"
+        raise FileNotFoundError(f"no golden set at {index.parent} ({where}): cases.json is missing")
+    with open(index, encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.errors import ImageError
+from phi3v.errors import ImageError, Phi3VError
 from phi3v.image import (
     CLIP_MEAN,
     CLIP_STD,
@@ -224,11 +224,17 @@ def test_remote_refused_by_default_and_file_urls_never():
 
 @pytest.fixture
 def local_http_server(small_rgb):
-    """A loopback HTTP server (no external network) serving /ok.png and /big.png."""
+    """A loopback HTTP server (no external network): /ok.png, /big.png, redirects /hop and /to-ftp."""
     body = _png_bytes(small_rgb)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path in ("/hop", "/to-ftp"):
+                self.send_response(302)
+                self.send_header("Location", "/ok.png" if self.path == "/hop" else "ftp://127.0.0.1/x.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path not in ("/ok.png", "/big.png"):
                 self.send_error(404)
                 return
@@ -257,6 +263,15 @@ def test_remote_download_when_allowed(local_http_server, small_rgb):
         open_image(base + "/big.png", ImageSourcePolicy(allow_remote=True, max_bytes=size * 3))
     with pytest.raises(ImageError, match="HTTP 404"):
         open_image(base + "/nothing.png", ImageSourcePolicy(allow_remote=True))
+    assert open_image(base + "/hop", ImageSourcePolicy(allow_remote=True)).size == (24, 16)
+    with pytest.raises(ImageError, match="redirects to a non-http"):
+        open_image(base + "/to-ftp", ImageSourcePolicy(allow_remote=True))
+
+
+@pytest.mark.parametrize("field", ["timeout_s", "max_bytes", "max_pixels"])
+def test_policy_values_validated(field):
+    with pytest.raises(Phi3VError, match=field):
+        ImageSourcePolicy(**{field: 0})
 
 
 # ------------------------------------------------------------------------------ modes

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, Phi3VError
 
 CROP_SIZE = 336  # CLIP ViT-L/14-336 input side; HD images have sides that are multiples of it
 TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12 feature vectors per crop
@@ -62,6 +62,12 @@ class ImageSourcePolicy:
     timeout_s: float = 10.0
     max_bytes: int = 50 * 2**20
     max_pixels: int = 178_956_970
+
+    def __post_init__(self):
+        for name in ("timeout_s", "max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise Phi3VError(f"ImageSourcePolicy.{name} must be a positive number, got {value!r}")
 
 
 _DEFAULT_POLICY = ImageSourcePolicy()
@@ -208,8 +214,9 @@ def _open_url(url: str, policy: ImageSourcePolicy) -> Image.Image:
     """Download with a timeout, reading in chunks so a huge or endless body stops at max_bytes."""
     name = _short(url)
     request = urllib.request.Request(url, headers={"User-Agent": "phi3v"})
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
     try:
-        with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+        with opener.open(request, timeout=policy.timeout_s) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 _check_byte_size(int(length), name, policy)
@@ -228,6 +235,15 @@ def _open_url(url: str, policy: ImageSourcePolicy) -> Image.Image:
     except (TimeoutError, OSError, ValueError) as err:
         raise ImageError(f"could not download image {name}: {err}") from None
     return _decode(b"".join(chunks), name, policy)
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s): a URL must not bounce to ftp:// or a local resource."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise ImageError(f"image URL {_short(req.full_url)} redirects to a non-http(s) URL {_short(newurl)}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _check_byte_size(size: int, name: str, policy: ImageSourcePolicy) -> None:
