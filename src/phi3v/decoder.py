@@ -1,0 +1,186 @@
+"""Phi-3-mini decoder pieces: RMSNorm, LongRoPE, attention with a KV cache, gated MLP (spec §6-7).
+
+Module and parameter names follow the checkpoint (`self_attn.qkv_proj`, `mlp.gate_up_proj`, ...) so
+weights load without renaming. Shapes: B batch, L new tokens, S cached + new tokens, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reference numerics: normalise in fp32, cast back to the activation dtype, then scale.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LongRoPE(nn.Module):
+    """LongRoPE ("su") rotary tables. The short/long factor set is chosen per row from that row's
+    largest position in the call: long iff max(position) + 1 > original_max_position_embeddings,
+    which is the reference rule for a single sequence (spec §7.3)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d = cfg.head_dim
+        exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # (D/2,) fp32 like the reference
+        base = cfg.rope_theta**exponent
+        short = torch.tensor(cfg.rope_short_factor or [1.0] * (d // 2), dtype=torch.float32)
+        long = torch.tensor(cfg.rope_long_factor or [1.0] * (d // 2), dtype=torch.float32)
+        self.register_buffer("inv_freq_short", 1.0 / (short * base), persistent=False)
+        self.register_buffer("inv_freq_long", 1.0 / (long * base), persistent=False)
+        self.original_max = cfg.original_max_position_embeddings
+        self.has_long = cfg.rope_long_factor is not None
+        self.mscale = cfg.rope_mscale
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, L) int64 -> cos, sin (B, 1, L, D) in `dtype`, mscale included."""
+        use_long = (positions.amax(dim=1) + 1 > self.original_max) if self.has_long else None
+        inv = self.inv_freq_short.expand(positions.shape[0], -1)  # (B, D/2)
+        if use_long is not None and bool(use_long.any()):
+            inv = torch.where(use_long[:, None], self.inv_freq_long, self.inv_freq_short)
+        angles = positions.float()[:, :, None] * inv[:, None, :]  # (B, L, D/2) fp32
+        emb = torch.cat((angles, angles), dim=-1)
+        cos = (emb.cos() * self.mscale).to(dtype)[:, None]
+        sin = (emb.sin() * self.mscale).to(dtype)[:, None]
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half layout: x = [x1 | x2] -> x*cos + [-x2 | x1]*sin.  x (B, H, L, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, H, capacity, D), grown in chunks as the sequence needs them.
+
+    Never sized for the whole 128k context up front (that would be ~48 GiB for the real model);
+    capacity grows geometrically so a long generation re-allocates only O(log n) times.
+    Keys are stored after rotation, as the reference does.
+    """
+
+    GROW_CHUNK = 256
+
+    def __init__(self, num_layers: int, batch: int, heads: int, head_dim: int, dtype, device, max_len: int):
+        self.num_layers, self.batch, self.heads, self.head_dim = num_layers, batch, heads, head_dim
+        self.dtype, self.device, self.max_len = dtype, torch.device(device), max_len
+        self.length = 0  # filled slots (same for every row; rows are left-padded when batched)
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        if needed > self.max_len:
+            raise ValueError(f"sequence of {needed} tokens exceeds the context of {self.max_len}")
+        new_cap = max(needed, min(self.max_len, 2 * self.capacity))
+        new_cap = min(self.max_len, -(-new_cap // self.GROW_CHUNK) * self.GROW_CHUNK)
+        shape = (self.batch, self.heads, new_cap, self.head_dim)
+        new_k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        for i in range(len(self.k)):
+            new_k[i][:, :, : self.length] = self.k[i][:, :, : self.length]
+            new_v[i][:, :, : self.length] = self.v[i][:, :, : self.length]
+        self.k, self.v, self.capacity = new_k, new_v, new_cap
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, L, D) at slots [start, start+L); return the views of slots [0, start+L)."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=False)  # rows: Q | K | V
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int, mask):
+        B, L, _ = x.shape
+        q_w, kv_w = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qkv = self.qkv_proj(x)  # (B, L, q + 2kv)
+        q = qkv[..., :q_w].view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = qkv[..., q_w : q_w + kv_w].view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[..., q_w + kv_w :].view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            # No padding and either a fresh prompt (plain causal) or a single new token (sees everything).
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=(L > 1))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, q_w))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # rows: gate | up
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, cache, layer, start, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, layer, start, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_attention_mask(
+    q_len: int, start: int, key_valid: torch.Tensor | None, device
+) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, q_len, start+q_len), True = may attend.
+
+    Needed only when new tokens follow cached ones (q_len > 1 and start > 0) or when rows carry
+    padding (`key_valid` (B, start+q_len) False at padded slots). Returns None when plain causal
+    attention (or a single token attending to everything) is exact.
+    """
+    if key_valid is None and (start == 0 or q_len == 1):
+        return None
+    total = start + q_len
+    q_pos = torch.arange(start, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, q_len, total)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :total]
+        # A padded query slot would attend to nothing (NaN rows); let every slot see itself.
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask

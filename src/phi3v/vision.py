@@ -1,0 +1,167 @@
+"""Image side of Phi-3-vision: CLIP tower, 2x2 merge, sub_GN/glb_GN layout, projector (spec §4-5).
+
+Names follow the checkpoint under `model.vision_embed_tokens`: `img_processor.vision_model.*`,
+`img_projection.{0,2}`, `glb_GN`, `sub_GN`. Only the CLIP layers whose output is used are built
+(features come from hidden_states[-2], so the last layer and post_layernorm never run).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Phi3VConfig, VisionConfig
+
+# Checkpoint tensors the vision side never uses; the loader skips them (see unused_vision_keys).
+_PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
+
+
+def unused_vision_keys(cfg: VisionConfig) -> list[str]:
+    """Regexes of checkpoint keys that are present but not needed (CLIP layers past the feature layer)."""
+    skipped = [str(i) for i in range(cfg.layers_used, cfg.num_hidden_layers)]
+    keys = [_PREFIX.replace(".", r"\.") + r"post_layernorm\..*"]
+    if skipped:
+        keys.append(_PREFIX.replace(".", r"\.") + r"encoder\.layers\.(" + "|".join(skipped) + r")\..*")
+    return keys
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(cfg.num_patches_per_side**2 + 1, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, 336, 336) -> (N, 577, C): CLS first, patches in raster order."""
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (N, C, 24, 24)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, 576, C)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        c = cfg.hidden_size
+        self.q_proj, self.k_proj = nn.Linear(c, c), nn.Linear(c, c)
+        self.v_proj, self.out_proj = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, C = x.shape
+
+        def heads(t):  # (N, T, C) -> (N, heads, T, head_dim)
+            return t.view(N, T, self.heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(N, T, C))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+
+
+class ClipLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = ClipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = ClipMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipLayer(cfg) for _ in range(cfg.layers_used))
+
+
+class ClipVisionModel(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = ClipEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, checkpoint name
+        self.encoder = ClipEncoder(cfg)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, 336, 336) -> patch features (N, 576, C) of the feature layer, CLS dropped."""
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x[:, 1:]
+
+
+class ClipTower(nn.Module):
+    """Holds `vision_model` so parameter names match `img_processor.vision_model.*`."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.vision_model = ClipVisionModel(cfg)
+
+
+class ImageEmbedding(nn.Module):
+    """pixel_values + image_sizes -> per-image sequences of decoder-width vectors."""
+
+    def __init__(self, cfg: Phi3VConfig):
+        super().__init__()
+        v = cfg.vision
+        merged = 4 * cfg.image_dim_out
+        self.img_processor = ClipTower(v)
+        self.img_projection = nn.Sequential(
+            nn.Linear(merged, cfg.text.hidden_size), nn.GELU(), nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+        )
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, merged))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, merged))
+        self.crop_size = v.image_size
+        self.grid = v.num_patches_per_side // 2  # 12 merged cells per side
+
+    def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops (N, 3, 336, 336) -> merged features (N, 12, 12, 4C)."""
+        feats = self.img_processor.vision_model(crops)  # (N, 576, C)
+        N, _, C = feats.shape
+        g = self.grid
+        # (N, 24, 24, C) -> (N, 12, 2, 12, 2, C) -> (N, 12, 12, 2, 2, C): blocks TL, TR, BL, BR.
+        feats = feats.view(N, g, 2, g, 2, C).permute(0, 1, 3, 2, 4, 5)
+        return feats.reshape(N, g, g, 4 * C)
+
+    def layout(self, merged: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """merged (1 + rows*cols, 12, 12, 4C) for one image -> (T, 4C) in reference order:
+        [sub-image grid, each grid row + sub_GN] ++ glb_GN ++ [global 12 rows, each + sub_GN]."""
+        g, width = self.grid, merged.shape[-1]
+        sep = self.sub_GN.reshape(1, 1, width).to(merged.dtype)
+        subs = merged[1:].view(rows, cols, g, g, width).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, width)
+        subs = torch.cat([subs, sep.expand(rows * g, 1, width)], dim=1).reshape(-1, width)
+        glob = torch.cat([merged[0], sep.expand(g, 1, width)], dim=1).reshape(-1, width)
+        return torch.cat([subs, self.glb_GN.reshape(1, width).to(merged.dtype), glob], dim=0)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """pixel_values (I, n+1, 3, 336, 336), image_sizes (I, 2) [H, W] -> list of (T_k, hidden).
+
+        Only the global view and the real crops of each image go through CLIP (padding crops are
+        skipped), all images' crops in one batch.
+        """
+        grids = [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
+        crops = torch.cat([pixel_values[i, : 1 + r * c] for i, (r, c) in enumerate(grids)], dim=0)
+        dtype = self.img_projection[0].weight.dtype
+        merged = self.encode_crops(crops.to(self.glb_GN.device, dtype))
+        out, at = [], 0
+        for r, c in grids:
+            seq = self.layout(merged[at : at + 1 + r * c], r, c)
+            out.append(self.img_projection(seq.to(dtype)))
+            at += 1 + r * c
+        return out
