@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.server
 import io
-import pathlib
 import struct
 import threading
 import zlib

@@ -19,7 +19,6 @@ import binascii
 import io
 import math
 import os
-import pathlib
 import re
 import urllib.error
 import urllib.request
