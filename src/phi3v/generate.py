@@ -121,11 +121,13 @@ def generate_ids(
     stop_ids: frozenset[int],
     rope_switch: str = "mixed",
     reuse_prefix: int = 0,
+    logits_hook=None,
 ) -> Iterator[int]:
     """Yield generated token ids (a stop id is yielded last, then the loop ends).
 
     `reuse_prefix` = number of leading prompt tokens whose keys/values are already in
     state.cache (a conversation's earlier turns); only the rest is prefilled.
+    `logits_hook(step, logits)` sees the float32 logits each token is chosen from (for tests).
     """
     import time
 
@@ -149,6 +151,8 @@ def generate_ids(
     for step in range(options.max_new_tokens):
         seen = torch.cat([text_ids, torch.tensor(state.generated, dtype=torch.long)]) \
             if options.repetition_penalty != 1.0 else None
+        if logits_hook is not None:
+            logits_hook(step, logits)
         token = sampler(logits, seen)
         state.generated.append(token)
         yield token
