@@ -1,0 +1,194 @@
+"""`phi3v batch INPUT --out results.jsonl`: one command for a folder, a glob or a JSONL of records.
+
+    phi3v batch receipts/ --task ocr --out receipts.jsonl
+    phi3v batch 'charts/**/*.png' --task table --format csv --out charts.jsonl --batch-size 8
+    phi3v batch requests.jsonl --out answers.jsonl --retry-errors
+    phi3v batch photos/ --task describe --out captions.jsonl --ray 10.0.0.5:6379
+
+Rerunning the same command resumes (records already in --out are skipped).  SIGTERM and Ctrl-C
+stop the job cleanly: finished records are all in --out, the summary says how far it got.
+Exit status: 0 all records succeeded, 1 some records failed (or the job could not start),
+130 interrupted.  cli.py registers this as a subcommand; `python -m phi3v.batch_cli` also runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+EXIT_OK, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 130
+
+DESCRIPTION = """Run a task or a prompt over many images; results go to a JSONL file, one line
+per record (id, images, task, prompt, text, finish_reason, usage, timings, error), appended as
+each record finishes.  Running the same command again skips the records already in --out."""
+
+EPILOG = """input:
+  FOLDER          every image file below it (recursively); id = path relative to FOLDER
+  'GLOB'          image files matching the pattern (quote it; ** recurses); id = the path
+  FILE.jsonl      one record per line: {"id": ..., "images": [...], "prompt": ..., "task": ...}
+                  (all optional but images; a record's prompt/task override the options;
+                  relative image paths are relative to the JSONL file)
+
+examples:
+  phi3v batch receipts/ --task ocr --out receipts.jsonl
+  phi3v batch 'charts/*.png' --task table --format csv --out charts.jsonl
+  phi3v batch photos/ --prompt "Is there a dog? Answer yes or no." --out dogs.jsonl
+  phi3v batch photos/ --task describe --out captions.jsonl --ray          # Ray cluster
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="a folder, a quoted glob, or a .jsonl file of records")
+    p.add_argument("--out", "-o", required=True, metavar="FILE.jsonl",
+                   help="results file (appended; existing records are skipped = resume)")
+    p.add_argument("--task", choices=("describe", "ocr", "table", "compare", "ask"),
+                   help="preset prompt (phi3v.tasks); with --prompt and no --task: ask")
+    p.add_argument("--prompt", help="the prompt for every record (a record's own prompt wins); "
+                   "for --task ask the question, for other tasks it replaces the preset")
+    p.add_argument("--format", dest="fmt", metavar="FMT",
+                   help="output format of the task preset (ocr: text|markdown, table: markdown|csv|json)")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="also rerun records whose latest result in --out is an error")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="records per generation call (batched generation when the engine "
+                   "supports it; with --ray also the records per actor call) (default 4)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="preprocessing threads working ahead of the model (default 2)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="default 512")
+    gen.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, help="sampling seed, the same for every record")
+    ray = p.add_argument_group("scale-out (Ray)")
+    ray.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                     help="run on a Ray cluster with Ray Data: ADDRESS like 10.0.0.5:6379 or "
+                     "ray://host:10001; without one, the cluster Ray finds (RAY_ADDRESS, or a "
+                     "`ray start` on this machine) or a new local one")
+    ray.add_argument("--ray-actors", type=int, metavar="N",
+                     help="model actors (default: one per GPU, or per --ray-cpus-per-actor CPUs)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="N",
+                     help="CPUs reserved by each CPU actor, also its torch threads (default 1)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar (the one-line summary is still printed)")
+
+
+def register(subparsers, common: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add `batch` to the `phi3v` command's subparsers; `common` holds --model/--device/..."""
+    parents = [common] if common is not None else []
+    p = subparsers.add_parser("batch", parents=parents, help="run over many images, results to JSONL",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run_command)
+    return p
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    """--model/--device/--dtype/--num-crops for `python -m phi3v.batch_cli` (cli.py has its own)."""
+    import phi3v
+
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("--model", "-m", default=phi3v.DEFAULT_MODEL, help="hub id or local folder")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    c.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
+    c.add_argument("--num-crops", type=int, default=None, help="HD crops per image")
+    return c
+
+
+def _options(args) -> dict:
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+             "num_crops")
+    return {n: getattr(args, n, None) for n in names if getattr(args, n, None) is not None}
+
+
+def _image_policy():
+    from .cli_images import cli_policy  # files and http(s) URLs, like the other subcommands
+
+    return cli_policy()
+
+
+def _load_model(args):
+    try:
+        from .cli import load_model_from_args
+    except ImportError:
+        import phi3v
+
+        return phi3v.load(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    return load_model_from_args(args)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the job stops like on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def run_command(args) -> int:
+    from pathlib import Path
+
+    from .batch import run_batch
+    from .cli_output import print_error
+
+    if args.task is None and args.prompt is None and not str(args.input).lower().endswith(".jsonl"):
+        print_error("give --task or --prompt (or a JSONL input whose records carry prompts)")
+        return EXIT_ERRORS
+    if args.batch_size < 1 or args.workers < 1:
+        print_error("--batch-size and --workers must be >= 1")
+        return EXIT_ERRORS
+    if Path(args.input).resolve() == Path(args.out).resolve():
+        print_error("--out must not be the input file")
+        return EXIT_ERRORS
+    task = args.task or ("ask" if args.prompt is not None else None)
+    use_ray = args.ray is not None
+    model = args.model if use_ray else _load_model(args)  # Ray actors load their own copies
+    job = run_batch(args.input, model, task=task, prompt=args.prompt, fmt=args.fmt, out=args.out,
+                    retry_errors=args.retry_errors, batch_size=args.batch_size,
+                    workers=args.workers, image_policy=_image_policy(), progress=not args.quiet,
+                    device=args.device, dtype=args.dtype, ray=args.ray,
+                    ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
+                    **_options(args))
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        job.run()
+    except KeyboardInterrupt:
+        pass  # stats.interrupted is set; everything finished is already in --out
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print(job.stats.summary(args.out), file=sys.stderr, flush=True)
+    if job.stats.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ERRORS if job.stats.errors else EXIT_OK
+
+
+def _run_with_errors(func, args) -> int:
+    """Phi3VError -> one 'phi3v: error:' line and exit 1, like the other subcommands."""
+    try:
+        from .cli import run_with_errors
+    except ImportError:
+        from .cli_output import print_error
+        from .errors import Phi3VError
+
+        try:
+            return func(args)
+        except Phi3VError as e:
+            print_error(str(e))
+            return EXIT_ERRORS
+    return run_with_errors(func, args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="phi3v batch", parents=[_common_parser()],
+                                     description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return _run_with_errors(run_command, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Batch input: what one record is, and how a folder, a glob or a JSONL file becomes records.
+
+A record is one request to the model: an id (unique in the job, the key for resume), the images
+as the user wrote them, and optional per-record `prompt` / `task`.  `resolve_jobs` then turns
+records into `Job`s whose prompt text is final, so the runners (local and Ray) never need to
+know about tasks.
+
+Ids: JSONL records give theirs (or get one, see `read_jsonl`); a folder's images get their path
+relative to the folder (posix separators), a glob's matches the path as the glob returned it.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import Phi3VError, PromptError
+
+# Files a folder or glob input picks up (case-insensitive); everything else is ignored.
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+JSONL_KEYS = ("id", "images", "image", "prompt", "task")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input record as discovered; `prompt` / `task` None mean 'use the job's default'."""
+
+    id: str
+    images: tuple[str, ...]  # as written by the user (shown in the output)
+    sources: tuple[str, ...]  # what the model opens: absolute paths, or URLs / data URIs as given
+    prompt: str | None = None
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A record with its final prompt text; `error` set means it fails without reaching the model."""
+
+    id: str
+    images: tuple[str, ...]
+    sources: tuple[str, ...]
+    task: str | None
+    prompt: str | None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "images": list(self.images), "sources": list(self.sources),
+                "task": self.task, "prompt": self.prompt, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        return cls(id=d["id"], images=tuple(d["images"]), sources=tuple(d["sources"]),
+                   task=d.get("task"), prompt=d.get("prompt"), error=d.get("error"))
+
+
+@dataclass
+class InputSummary:
+    """What discovery found, for messages ('no images under scans/')."""
+
+    kind: str  # "folder" | "glob" | "jsonl" | "file"
+    description: str
+    records: list[Record] = field(default_factory=list)
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def discover(input_spec: str | os.PathLike) -> InputSummary:
+    """Records from a folder (recursive), a .jsonl file, a single image file or a glob pattern."""
+    text = os.fspath(input_spec)
+    path = Path(text)
+    if path.is_dir():
+        records = read_folder(path)
+        kind = "folder"
+    elif path.is_file() and path.suffix.lower() == ".jsonl":
+        records = read_jsonl(path)
+        kind = "jsonl"
+    elif path.is_file():
+        if not is_image_file(path):
+            raise Phi3VError(
+                f"batch input {text!r} is neither a folder, a .jsonl file, an image file "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor a glob pattern"
+            )
+        records = [_path_record(path.name, text, path)]
+        kind = "file"
+    elif globlib.has_magic(text):
+        records = read_glob(text)
+        kind = "glob"
+    else:
+        raise Phi3VError(f"batch input {text!r} does not exist (give a folder, a glob or a .jsonl file)")
+    check_unique_ids(records)
+    return InputSummary(kind=kind, description=text, records=records)
+
+
+def _path_record(record_id: str, shown: str, path: Path) -> Record:
+    return Record(id=record_id, images=(shown,), sources=(str(path.resolve()),))
+
+
+def read_folder(folder: Path) -> list[Record]:
+    """Every image file below `folder`, sorted by relative path; hidden files and folders skipped."""
+    records = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            full = Path(root) / name
+            rel = full.relative_to(folder).as_posix()
+            records.append(_path_record(rel, os.fspath(full), full))
+    records.sort(key=lambda r: r.id)
+    return records
+
+
+def read_glob(pattern: str) -> list[Record]:
+    """Image files matching a glob (`**` recursive); id = the path as matched."""
+    matches = sorted(globlib.glob(pattern, recursive=True))
+    return [_path_record(Path(m).as_posix(), m, Path(m))
+            for m in matches if os.path.isfile(m) and is_image_file(m)]
+
+
+def read_jsonl(path: Path) -> list[Record]:
+    """Records `{"id", "images" (list or one string; "image" also accepted), "prompt", "task"}`.
+
+    Blank lines are skipped.  Relative image paths are relative to the JSONL file's folder.
+    A record without an id gets its single image path, or `line-N` (N = line number).
+    """
+    base = path.resolve().parent
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise Phi3VError(f"{where}: not valid JSON ({e.msg})") from None
+            records.append(_jsonl_record(obj, where, lineno, base))
+    return records
+
+
+def _jsonl_record(obj, where: str, lineno: int, base: Path) -> Record:
+    if not isinstance(obj, dict):
+        raise Phi3VError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(JSONL_KEYS))
+    if unknown:
+        raise Phi3VError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(JSONL_KEYS)}")
+    if "images" in obj and "image" in obj:
+        raise Phi3VError(f"{where}: give 'images' or 'image', not both")
+    images = obj.get("images", obj.get("image", []))
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise Phi3VError(f"{where}: 'images' must be a list of non-empty strings")
+    for key in ("prompt", "task"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise Phi3VError(f"{where}: {key!r} must be a string")
+    record_id = obj.get("id")
+    if record_id is None:
+        record_id = images[0] if len(images) == 1 else f"line-{lineno}"
+    elif isinstance(record_id, (int, float)) and not isinstance(record_id, bool):
+        record_id = str(record_id)  # 17 and "17" are the same record for resume
+    elif not isinstance(record_id, str) or not record_id:
+        raise Phi3VError(f"{where}: 'id' must be a non-empty string or a number")
+    sources = tuple(_jsonl_source(i, base) for i in images)
+    return Record(id=record_id, images=tuple(images), sources=sources,
+                  prompt=obj.get("prompt"), task=obj.get("task"))
+
+
+def _jsonl_source(image: str, base: Path) -> str:
+    """A relative path is taken relative to the JSONL file; URLs and data URIs pass unchanged."""
+    if "://" in image[:16] or image.startswith("data:"):
+        return image
+    p = Path(image).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def check_unique_ids(records: Iterable[Record]) -> None:
+    """Resume keys results by id, so two records with one id would make a job ambiguous."""
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise Phi3VError(f"duplicate record id {r.id!r} in the batch input; ids must be unique")
+        seen.add(r.id)
+
+
+def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | None,
+                 fmt: str | None = None) -> list[Job]:
+    """Final prompt text per record, first match wins:
+
+    1. the record's own "prompt";
+    2. the record's own "task" (other than "ask"): that task's preset prompt (default format);
+    3. the job's `prompt` (for task "ask" it is the question; for another task it replaces
+       the preset);
+    4. the job's `task` preset, in format `fmt`.
+    A record's task label is its own task, else the job's, else "ask".  The image count must
+    suit the task (phi3v.tasks.check_image_count: compare needs two or more images; describe,
+    ocr and table take one).  A record whose prompt cannot be made becomes a Job with `error`
+    set: it is reported in the output like any other failed record.
+    """
+    from .tasks import check_image_count
+
+    jobs = []
+    for r in records:
+        record_task = r.task or task or "ask"
+        error = text = None
+        try:
+            if r.prompt is not None:
+                text = r.prompt
+            elif r.task is not None and r.task != "ask":
+                text = _task_prompt(r.task, None)
+            elif prompt is not None:
+                text = prompt
+            else:
+                text = _task_prompt(record_task, fmt if record_task == task else None)
+            check_image_count(record_task, len(r.images))
+            if not text.strip():
+                raise PromptError("the prompt is empty")
+        except Phi3VError as e:
+            error = f"{type(e).__name__}: {e}"
+        jobs.append(Job(id=r.id, images=r.images, sources=r.sources, task=record_task,
+                        prompt=text, error=error))
+    return jobs
+
+
+def _task_prompt(task: str, fmt: str | None) -> str:
+    from .tasks import task_prompt  # the CLI's task presets (describe, ocr, table, compare, ask)
+
+    return task_prompt(task, fmt)
