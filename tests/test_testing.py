@@ -199,3 +199,19 @@ def test_bad_arguments_raise_value_error(tmp_path):
         testing.make_tiny_checkpoint(tmp_path / "d", std={"nope": 1.0})
     with pytest.raises(ValueError, match="shards"):
         testing.make_tiny_checkpoint(tmp_path / "e", shards=1000)
+
+
+def test_full_size_writer_layout_without_writing_weights(tmp_path, monkeypatch):
+    # Stubs keep this cheap: no 4.1B random numbers and no 8 GB of files, only the layout logic.
+    written = {}
+    monkeypatch.setattr(testing, "random_tensor", lambda spec, **kw: torch.empty(0))
+    monkeypatch.setattr(testing, "save_file",
+                        lambda tensors, file, metadata: written.update({Path(file).name: list(tensors)}))
+    made = testing.make_tiny_checkpoint(tmp_path / "full", style="phi35v", sizes="full")
+    assert sorted(written) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.loads((made / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 8_293_242_880  # the real index's value (spec §2)
+    assert sorted(index["weight_map"]) == sorted(n for names in written.values() for n in names)
+    assert len(index["weight_map"]) == 592
+    assert json.loads((made / "config.json").read_text()) == testing.full_size_config("phi35v")
+    assert json.loads((made / "preprocessor_config.json").read_text())["num_crops"] == 4

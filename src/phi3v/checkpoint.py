@@ -269,7 +269,7 @@ def _listing(names: Iterable[str], limit: int = 10) -> str:
     return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_weights(module: nn.Module, model_dir, *, dtype=torch.bfloat16, device="cpu",
+def load_weights(module: nn.Module, model_dir, *, dtype, device,
                  skip_unused: Iterable[str] = (), skip: Iterable[str] | None = None,
                  dtype_for: Callable[[str], torch.dtype | None] | None = None,
                  allow_meta_buffers: bool = False) -> None:
