@@ -1,0 +1,184 @@
+"""`phi3v chat [IMAGE…]`: an interactive multi-turn session on the terminal (or a script on stdin).
+
+Lines typed are questions; the answer streams back. Commands:
+    /image PATH   attach an image (path or URL) to the next question
+    /reset        forget the conversation (the images given on the command line are attached again)
+    /save FILE    write the conversation as JSON: {"model": ..., "messages": [OpenAI-style messages]}
+    /help         list the commands
+    /quit         leave (so does Ctrl-D; Ctrl-C stops an answer, or clears the line)
+
+The history is a list of turns holding the opened images, so each question re-sends the whole
+conversation to model.stream(messages) with the image parts as PIL images; /save writes the
+images as {"type": "image", "image": "<absolute path or URL>"} parts, which phi3v.chat accepts.
+A question that fails (too long for the context, bad image) is not added to the history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from .cli_images import CliImage, is_url, open_cli_image
+from .cli_output import finish_answer, format_timings, is_tty, note, print_error, style
+from .errors import ImageError, Phi3VError
+
+HELP = """commands:
+  /image PATH   attach an image (file or http(s) URL) to the next question
+  /reset        start over (images from the command line are attached again)
+  /save FILE    write the conversation as JSON
+  /help         this list
+  /quit         leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+@dataclass
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    images: list[CliImage] = field(default_factory=list)
+
+
+def _saved_source(label: str) -> str:
+    """How an image is named in a saved conversation: URLs as given, paths made absolute."""
+    return label if is_url(label) else os.path.abspath(os.path.expanduser(label))
+
+
+class ChatSession:
+    """The conversation state; no terminal I/O here, so it is easy to reason about."""
+
+    def __init__(self, initial_images: list[CliImage], system: str | None = None):
+        self.initial_images = list(initial_images)
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.turns: list[Turn] = [Turn("system", self.system)] if self.system else []
+        self.pending: list[CliImage] = list(self.initial_images)
+
+    def messages(self, question: str | None = None, *, for_save: bool = False) -> list[dict]:
+        """OpenAI-style messages of the history (+ `question` with the pending images)."""
+        turns = list(self.turns)
+        if question is not None:
+            turns.append(Turn("user", question, list(self.pending)))
+        out = []
+        for turn in turns:
+            if not turn.images:
+                out.append({"role": turn.role, "content": turn.text})
+                continue
+            parts = [{"type": "image", "image": _saved_source(im.label) if for_save else im.image}
+                     for im in turn.images]
+            parts.append({"type": "text", "text": turn.text})
+            out.append({"role": turn.role, "content": parts})
+        return out
+
+    def all_images(self) -> list[CliImage]:
+        """Every image the next question sends: the history's and the pending ones."""
+        return [im for turn in self.turns for im in turn.images] + self.pending
+
+    def record(self, question: str, answer: str) -> None:
+        self.turns.append(Turn("user", question, self.pending))
+        self.turns.append(Turn("assistant", answer))
+        self.pending = []
+
+    def save(self, path: str, model_name: str) -> None:
+        data = {"model": model_name, "messages": self.messages(for_save=True)}
+        with open(os.path.expanduser(path), "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+
+
+def _read_line(prompt: str, interactive: bool) -> str:
+    """One line of input; raises EOFError at the end. The prompt is shown only on a terminal."""
+    if interactive:
+        return input(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def run_chat(args, model, options, stream_answer) -> int:
+    """The read-answer loop. `stream_answer(model, source, options, images, args)` streams one answer."""
+    from .cli import hint_for  # cli imports this module lazily; no import cycle at load time
+
+    interactive = is_tty(sys.stdin)
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # pragma: no cover - not on every platform
+            pass
+    session = ChatSession(args.initial_images, system=args.system)
+    if interactive and not args.quiet:
+        print(style(f"phi3v chat with {model.name}: type a question, /help for commands, "
+                    "Ctrl-D to leave", "dim"), file=sys.stderr)
+        for im in session.pending:
+            note(f"attached {im.label}")
+    prompt = style("you> ", "green", sys.stdout)
+
+    while True:
+        try:
+            line = _read_line(prompt, interactive).strip()
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, as in a shell
+            print(file=sys.stderr)
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(line, session, model, args) == "quit":
+                return 0
+            continue
+        try:
+            completion = stream_answer(model, session.messages(line), options, session.all_images(), args)
+        except KeyboardInterrupt:  # interrupted before any text: nothing to keep
+            print(file=sys.stderr)
+            continue
+        except Phi3VError as err:
+            message, hint = hint_for(err, args)
+            print_error(message, hint)
+            continue
+        if args.no_stream:
+            print(completion.text, flush=True)
+        session.record(line, completion.text)
+        if args.verbose:
+            note(format_timings(completion.timings.to_dict(), completion.usage.to_dict()))
+
+
+def _command(line: str, session: ChatSession, model, args) -> str | None:
+    name, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return "quit"
+    if name == "/help":
+        print(HELP, file=sys.stderr)
+    elif name == "/reset":
+        session.reset()
+        note("conversation cleared")
+    elif name == "/image":
+        if not rest:
+            print_error("/image needs a path or URL", "e.g. /image photos/cat.jpg")
+        elif rest == "-":
+            print_error("chat reads its questions from stdin, so \"-\" cannot be an image here",
+                        "give the image a file name")
+        else:
+            try:
+                session.pending.append(open_cli_image(rest))
+                note(f"attached {rest} to the next question")
+            except ImageError as err:
+                print_error(str(err), "supported: PNG, JPEG, GIF, WebP, BMP, TIFF files and http(s) URLs")
+    elif name == "/save":
+        if not rest:
+            print_error("/save needs a file name", "e.g. /save chat.json")
+        else:
+            try:
+                session.save(rest, model.name)
+                note(f"saved {len(session.turns)} messages to {rest}")
+            except OSError as err:
+                print_error(f"cannot write {rest}: {err.strerror or err}")
+    else:
+        print_error(f"unknown command {name}", "type /help for the list")
+    return None

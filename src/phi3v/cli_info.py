@@ -1,0 +1,200 @@
+"""`phi3v info IMAGE…`: what an image costs and what the model needs, without loading weights.
+
+For each image: its size (EXIF orientation applied), and for each --num-crops value the HD
+crop grid and the number of image tokens (phi3v.image.crop_grid / num_image_tokens).
+For the model: the parameter count computed from config.json (a local folder or a hub id
+already in the Hugging Face cache; nothing is downloaded), or from the known real
+Phi-3-vision configuration when neither is available, and the memory the weights and the
+KV cache take in the chosen dtype.
+
+Parameter count (spec §0/§2; verified against the tensor sizes of the tiny checkpoints):
+  decoder   = V·H (embed) + V·H (lm_head, unless tied) + H (final norm)
+              + L · [2H (norms) + H·(H + 2·kv·hd) (qkv) + H·H (o) + H·2I (gate_up) + I·H (down)]
+  CLIP      = C (class) + C·3·p² (patch conv, no bias) + (P+1)·C (positions) + 4C (pre/post LN)
+              + Lv · [4C (2 LN) + 4(C² + C) (q, k, v, out) + (Iv·C + Iv) + (C·Iv + C) (fc1, fc2)]
+  projector = (4D·H + H) + (H·H + H) with D = image_dim_out, plus 2·4D for glb_GN and sub_GN
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+# The sizes that matter of the real configs (both models share them), used when no config
+# file is at hand. The CLIP tower is not described in the real config.json: it is ViT-L/14-336.
+REAL_CONFIG = {
+    "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False,
+    "max_position_embeddings": 131072, "img_processor": {"image_dim_out": 1024},
+}
+CLIP_L14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                "num_channels": 3, "image_size": 336, "patch_size": 14}
+KNOWN_NUM_CROPS = {"microsoft/Phi-3-vision-128k-instruct": 16, "microsoft/Phi-3.5-vision-instruct": 4}
+STANDARD_NUM_CROPS = (1, 4, 9, 16)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def find_config_files(model: str) -> tuple[dict | None, dict | None, str]:
+    """(config.json, preprocessor_config.json or None, where they came from) without downloading.
+
+    A local folder must hold config.json; a hub id is looked up in the local cache only.
+    Returns (None, None, reason) when nothing is available (the caller estimates).
+    """
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelNotFoundError(f"{model}: folder has no config.json; not a Phi-3-vision checkpoint")
+        pre_file = path / "preprocessor_config.json"
+        pre = json.loads(pre_file.read_text()) if pre_file.is_file() else None
+        return json.loads(cfg_file.read_text()), pre, f"folder {path}"
+    if model.startswith((".", "/", "~")):  # meant as a folder, and there is none
+        raise ModelNotFoundError(f"{model}: no such folder")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None, None, "huggingface_hub is not installed"
+    try:
+        cfg_path = try_to_load_from_cache(model, "config.json")
+        pre_path = try_to_load_from_cache(model, "preprocessor_config.json")
+    except Exception:  # an id the hub library rejects (bad characters...): nothing cached
+        cfg_path = pre_path = None
+    if not isinstance(cfg_path, str):
+        return None, None, "not in the local cache"
+    pre = json.loads(Path(pre_path).read_text()) if isinstance(pre_path, str) else None
+    return json.loads(Path(cfg_path).read_text()), pre, "the Hugging Face cache"
+
+
+def parameter_counts(cfg: dict) -> dict[str, int]:
+    """{"decoder", "vision", "projector", "total"} parameter counts from a config.json dict."""
+    V, H = cfg["vocab_size"], cfg["hidden_size"]
+    I, L = cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    hd = H // heads
+    per_layer = 2 * H + H * (H + 2 * kv * hd) + H * H + H * 2 * I + I * H
+    embeddings = V * H * (1 if cfg.get("tie_word_embeddings") else 2)
+    decoder = embeddings + H + L * per_layer
+
+    vis = {**CLIP_L14_336, **(cfg.get("vision_config") or {})}
+    C, Iv, Lv = vis["hidden_size"], vis["intermediate_size"], vis["num_hidden_layers"]
+    patch, side, chans = vis["patch_size"], vis["image_size"], vis.get("num_channels", 3)
+    positions = (side // patch) ** 2 + 1
+    clip_layer = 4 * C + 4 * (C * C + C) + (Iv * C + Iv) + (C * Iv + C)
+    vision = C + C * chans * patch * patch + positions * C + 4 * C + Lv * clip_layer
+
+    D = (cfg.get("img_processor") or {}).get("image_dim_out", C)
+    projector = (4 * D * H + H) + (H * H + H) + 2 * 4 * D
+    return {"decoder": decoder, "vision": vision, "projector": projector,
+            "total": decoder + vision + projector}
+
+
+def kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> int:
+    """Keys + values of every decoder layer for one position."""
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    return 2 * cfg["num_hidden_layers"] * kv * (cfg["hidden_size"] // heads) * dtype_bytes
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """The dtype phi3v.load picks for dtype=None (bfloat16; float32 on MPS), unless one is given."""
+    if dtype not in (None, "auto"):
+        return dtype
+    return "float32" if device == "mps" else "bfloat16"
+
+
+def model_info(model: str, dtype: str, device: str) -> dict:
+    cfg, pre, source = find_config_files(model)
+    estimated = cfg is None
+    if estimated:
+        cfg = REAL_CONFIG
+    default_crops = (pre or {}).get("num_crops") or KNOWN_NUM_CROPS.get(model, 16)
+    counts = parameter_counts(cfg)
+    dtype = resolve_dtype(dtype, device)
+    nbytes = DTYPE_BYTES[dtype]
+    return {
+        "model": model,
+        "config_source": source,
+        "estimated": estimated,
+        "default_num_crops": int(default_crops),
+        "context_length": int(cfg.get("max_position_embeddings", 131072)),
+        "parameters": counts,
+        "dtype": dtype,
+        "weights_bytes": counts["total"] * nbytes,
+        "kv_cache_bytes_per_token": kv_bytes_per_token(cfg, nbytes),
+    }
+
+
+def image_info(label: str, image, crops: list[int], fmt: str | None = None) -> dict:
+    from .image import crop_grid, num_image_tokens
+
+    w, h = image.size
+    rows = []
+    for n in crops:
+        r, c = crop_grid(w, h, n)
+        rows.append({"num_crops": n, "grid": [r, c], "crops": r * c,
+                     "tokens": num_image_tokens(w, h, n)})
+    return {"image": label, "width": w, "height": h, "format": fmt or getattr(image, "format", None),
+            "mode": image.mode, "by_num_crops": rows}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    if n >= 10**9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 10**6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n:,}"
+
+
+def format_info(images: list[dict], model: dict, chosen: int) -> str:
+    lines = []
+    for im in images:
+        kind = " ".join(x for x in (im["format"], im["mode"]) if x)
+        lines.append(f"{im['image']}: {im['width']}×{im['height']} {kind}")
+        lines.append(f"  {'num_crops':>9}  {'grid':>6}  {'crops':>5}  {'tokens':>6}")
+        for row in im["by_num_crops"]:
+            grid = f"{row['grid'][0]}×{row['grid'][1]}"
+            mark = "  ← chosen" if row["num_crops"] == chosen else ""
+            lines.append(f"  {row['num_crops']:>9}  {grid:>6}  {row['crops']:>5}  {row['tokens']:>6}{mark}")
+    p = model["parameters"]
+    where = ("estimated from the known Phi-3-vision config: " + model["config_source"]
+             if model["estimated"] else "config from " + model["config_source"])
+    lines.append(f"model: {model['model']} ({where})")
+    lines.append(f"  parameters: {human_count(p['total'])} (decoder {human_count(p['decoder'])}, "
+                 f"vision {human_count(p['vision'])}, projector {human_count(p['projector'])})")
+    lines.append(f"  weights in {model['dtype']}: {human_bytes(model['weights_bytes'])}")
+    per_tok = model["kv_cache_bytes_per_token"]
+    kv = f"  KV cache: {human_bytes(per_tok)} per token"
+    total_tokens = sum(next(r["tokens"] for r in im["by_num_crops"] if r["num_crops"] == chosen)
+                       for im in images)
+    if images:
+        kv += f"; the image tokens at --num-crops {chosen} ({total_tokens}) take {human_bytes(per_tok * total_tokens)}"
+    lines.append(kv)
+    lines.append(f"  context: {model['context_length']} tokens; default --num-crops {model['default_num_crops']}")
+    return "\n".join(lines)
+
+
+def run_info(args) -> int:
+    from .cli_images import open_cli_images
+    from .cli_output import print_json
+
+    model = model_info(args.model, args.dtype, args.device)
+    chosen = args.num_crops or model["default_num_crops"]
+    crops = sorted(set(STANDARD_NUM_CROPS) | {chosen, model["default_num_crops"]})
+    images = [image_info(im.label, im.image, crops, im.format) for im in open_cli_images(args.images)]
+    if args.json:
+        print_json({"images": images, "model": model, "num_crops": chosen})
+    else:
+        print(format_info(images, model, chosen))
+    return 0
