@@ -1,0 +1,7 @@
+"""`python -m phi3v.server --model M [...]`: the same as `phi3v serve`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""The FastAPI app: routes, auth, error rendering. The work itself is in service.py."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from .api_errors import APIError, internal_error
+from .body_limit import BodyLimitMiddleware, BodyTooLarge
+from .engine_worker import EngineWorker
+from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from .service import ChatService
+from .settings import ServerSettings, accepted_model_names, served_model_id
+
+log = logging.getLogger("phi3v.server")
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500)}
+
+
+def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `model` (a loaded phi3v.Phi3V). The engine worker starts with the app."""
+    settings = settings or ServerSettings()
+    model_id = settings.model_id or served_model_id(model.name)
+    worker = EngineWorker(model, settings.max_queue)
+    service = ChatService(model, settings, worker, model_id, accepted_model_names(model.name, model_id))
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+            service.close()
+
+    app = FastAPI(
+        title="phi3v",
+        version=__version__,
+        description="OpenAI-compatible chat completions with images, served by phi3v.",
+        lifespan=lifespan,
+        docs_url=None,  # the Swagger/ReDoc pages load assets from a CDN; the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.settings, app.state.worker, app.state.service = settings, worker, service
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    # ---- errors: always the OpenAI shape, never a traceback ---------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return _validation_response(err).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        if isinstance(err, BodyTooLarge):
+            raise err  # BodyLimitMiddleware drains the body, then answers 413
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return APIError(err.status_code, str(err.detail), code=code, headers=dict(err.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=err)
+        return internal_error().response()
+
+    # ---- auth ---------------------------------------------------------------------------------
+    async def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise APIError(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+                           code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- routes -------------------------------------------------------------------------------
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={
+        **_ERRORS, 200: {"description": "A ChatCompletion, or with `stream: true` server-sent "
+                                        "`chat.completion.chunk` events ending with `data: [DONE]`.",
+                         "content": {"text/event-stream": {}}}},
+        dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if body.stream:
+            return await service.stream(body, request)
+        return JSONResponse(await service.complete(body, request))
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, dependencies=[Depends(require_key)])
+    async def list_models():
+        return {"object": "list", "data": [_model_card(model_id, created)]}
+
+    @app.get("/v1/models/{name:path}", response_model=ModelCard, responses=_ERRORS,
+             dependencies=[Depends(require_key)])
+    async def get_model(name: str):
+        if name not in service.accepted_names:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{model_id}`.",
+                           param="model", code="model_not_found")
+        return _model_card(model_id, created)
+
+    @app.get("/health")
+    async def health():
+        ok = worker.alive
+        body = {"status": "ok" if ok else "error", "model": model_id, "auth": settings.api_key is not None,
+                "queue": worker.snapshot()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def web_page():
+        return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "phi3v"}
+
+
+def _page() -> str:
+    return resources.files("phi3v.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def _validation_response(err: RequestValidationError) -> APIError:
+    """The first pydantic error as one OpenAI 400: `param` is the field path (messages.0.content)."""
+    first = (err.errors() or [{}])[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unrecognized_argument")
+    if kind == "json_invalid":
+        return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+    if kind == "missing" and not loc:
+        return APIError(400, "The request body is missing; send a JSON object.", code="invalid_request")
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "Invalid request.")
+    return APIError(400, message, param=param, code="invalid_value")

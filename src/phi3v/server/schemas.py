@@ -1,0 +1,153 @@
+"""Request and response bodies of the OpenAI chat-completions API, in the API's field order.
+
+Only what a vision chat needs is modelled; fields that OpenAI defines but this server cannot
+honour are accepted by name so that a non-default value gets a clear 400 (service.py checks
+them), and names OpenAI does not define are refused ("Unrecognized request argument").
+Our own additions are fenced at the end of each model under "phi3v extension".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- request ------------------------------------------------------------------------------
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="A `data:image/...;base64,` URI; http(s) only with --allow-remote-images.")
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored: use num_crops
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ImageURLPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None  # accepted, ignored
+    refusal: str | None = None  # accepted on assistant turns echoed back by clients, ignored
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted, ignored
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: float | None = None  # only 0 / null supported
+    logit_bias: dict[str, float] | None = None  # only empty / null supported
+    logprobs: bool | None = None  # only false / null supported
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, str] | None = None  # accepted, ignored
+    modalities: list[str] | None = None  # only ["text"] supported
+    n: int | None = None  # only 1 supported
+    parallel_tool_calls: bool | None = None  # accepted, ignored (no tools)
+    presence_penalty: float | None = None  # only 0 / null supported
+    response_format: dict[str, Any] | None = None  # only {"type": "text"} supported
+    seed: int | None = None
+    service_tier: str | None = None  # accepted, ignored
+    stop: Union[str, list[str], None] = None
+    store: bool | None = None  # accepted, ignored
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    tool_choice: Any = None  # only null / "none" supported
+    tools: list[Any] | None = None  # only empty / null supported
+    top_logprobs: int | None = None  # only 0 / null supported
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    user: str | None = None  # accepted, ignored
+
+    # ---- phi3v extension ----
+    num_crops: int | None = Field(
+        default=None, ge=1, le=64,
+        description="phi3v extension: HD crops per image (more = finer detail, more image tokens).",
+    )
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int  # image placeholder tokens included
+    completion_tokens: int
+    total_tokens: int
+
+
+class Phi3VStats(BaseModel):
+    """phi3v extension: what the request cost, for people tuning num_crops and image sizes."""
+
+    image_tokens: int
+    num_crops: int | None
+    queue_s: float  # waiting for the engine
+    timings: dict[str, float]  # preprocess_s, vision_s, prefill_s, decode_s, first_token_s, decode_tokens_per_s
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+    # ---- phi3v extension ----
+    phi3v: Phi3VStats | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "phi3v"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,345 @@
+"""One chat-completions request: validate -> phi3v messages -> prepare -> queue -> response or SSE.
+
+Everything a client can get wrong is checked before the request waits for the engine: the
+model name, unsupported parameters, image URLs and their base64, the image count, the prompt
+length (images are decoded and tokenized in a small thread pool so the event loop stays free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from .. import __version__
+from ..errors import Phi3VError, PromptTooLongError
+from ..image import ImageSourcePolicy
+from ..options import GenerationOptions
+from .api_errors import APIError, context_length_error, from_phi3v_error, internal_error
+from .engine_worker import EngineWorker, GenerationJob, QueueFullError
+from .schemas import ChatCompletionRequest
+from .settings import ServerSettings
+
+log = logging.getLogger("phi3v.server")
+
+SYSTEM_FINGERPRINT = f"phi3v-{__version__}"
+DISCONNECT_POLL_S = 0.25
+MAX_STOP_STRINGS = 4
+
+
+@dataclass
+class Plan:
+    """A request checked and converted, before any image is decoded."""
+
+    messages: list  # phi3v messages (data: images already decoded to bytes)
+    options: GenerationOptions  # max_new_tokens may still be the default
+    max_tokens_given: bool
+    num_crops: int | None
+    stream: bool
+    include_usage: bool
+
+
+class ChatService:
+    def __init__(self, model, settings: ServerSettings, worker: EngineWorker, model_id: str,
+                 accepted_names: frozenset[str]):
+        self.model = model
+        self.settings = settings
+        self.worker = worker
+        self.model_id = model_id
+        self.accepted_names = accepted_names
+        self.policy = ImageSourcePolicy(
+            allow_paths=False,
+            allow_remote=settings.allow_remote_images,
+            timeout_s=settings.remote_timeout_s,
+            max_bytes=settings.remote_max_bytes,
+        )
+        self.executor = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="phi3v-prepare")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- checks that need no image decoding --------------------------------------------
+    def plan(self, req: ChatCompletionRequest) -> Plan:
+        if req.model not in self.accepted_names:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{self.model_id}`.",
+                           param="model", code="model_not_found")
+        _reject_unsupported(req)
+        messages = self._convert_messages(req)
+        num_crops = req.num_crops or self.settings.default_num_crops
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", param="stop")
+        try:
+            options = GenerationOptions.from_kwargs(
+                max_new_tokens=max_tokens or self.settings.default_max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=tuple(stop),
+                num_crops=num_crops,
+            )
+        except Phi3VError as err:
+            raise from_phi3v_error(err) from None
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Plan(messages, options, max_tokens is not None, num_crops, bool(req.stream), include_usage)
+
+    def _convert_messages(self, req: ChatCompletionRequest) -> list:
+        """OpenAI messages -> phi3v messages; data: URIs decoded here so bad base64 is a 400."""
+        out, n_images = [], 0
+        for i, msg in enumerate(req.messages):
+            role = "system" if msg.role == "developer" else msg.role
+            if msg.content is None or isinstance(msg.content, str):
+                out.append({"role": role, "content": msg.content or ""})
+                continue
+            parts = []
+            for j, part in enumerate(msg.content):
+                param = f"messages[{i}].content[{j}]"
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                if role != "user":
+                    raise APIError(400, f"{param}: images are only allowed in user messages, not in {msg.role} messages.",
+                                   param=param, code="invalid_image")
+                n_images += 1
+                if n_images > self.settings.max_images:
+                    raise APIError(400, f"Too many images: this server accepts at most {self.settings.max_images} "
+                                        f"images per request (over all messages).", param="messages",
+                                   code="too_many_images")
+                parts.append(self._image_part(part.image_url.url, param))
+            out.append({"role": role, "content": parts})
+        return out
+
+    def _image_part(self, url: str, param: str) -> dict:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return {"type": "image", "image": decode_data_uri(url, param)}
+        if scheme in ("http", "https"):
+            if not self.settings.allow_remote_images:
+                raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
+                                    f"data: URI (data:image/png;base64,...) or start the server with "
+                                    f"--allow-remote-images.", param=param, code="invalid_image")
+            return {"type": "image_url", "image_url": {"url": url}}
+        raise APIError(400, f"{param}: image_url.url must be a data: URI (data:image/png;base64,...)"
+                            f"{' or an http(s) URL' if self.settings.allow_remote_images else ''}; "
+                            f"got a URL starting with {url[:16]!r}. Local files cannot be named.",
+                       param=param, code="invalid_image")
+
+    # ---- image decoding and tokenization (thread pool) ---------------------------------
+    def prepare(self, plan: Plan):
+        """-> (PreparedPrompt, GenerationOptions with the final max_new_tokens). Runs off the loop."""
+        try:
+            prepared = self.model.prepare(messages=plan.messages, num_crops=plan.num_crops,
+                                          image_policy=self.policy)
+        except Phi3VError as err:
+            raise from_phi3v_error(err) from None
+        options = plan.options
+        n_prompt, limit = len(prepared.input_ids), self.model.context_length
+        if not plan.max_tokens_given:
+            # Default: up to default_max_tokens, less when the prompt leaves less room.
+            room = limit - n_prompt
+            options = GenerationOptions.from_kwargs(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
+        if n_prompt + options.max_new_tokens > limit:  # OpenAI rule: prompt + max_tokens must fit
+            raise context_length_error(prompt_tokens=n_prompt, image_tokens=_image_tokens(prepared),
+                                       max_new_tokens=options.max_new_tokens, context_length=limit)
+        try:
+            self.model.check_fits(prepared, options.max_new_tokens)
+        except PromptTooLongError as err:
+            raise context_length_error(prompt_tokens=getattr(err, "prompt_tokens", n_prompt),
+                                       image_tokens=getattr(err, "image_tokens", _image_tokens(prepared)),
+                                       max_new_tokens=options.max_new_tokens, context_length=limit) from None
+        except Phi3VError as err:
+            raise from_phi3v_error(err) from None
+        return prepared, options
+
+    async def admit(self, plan: Plan) -> GenerationJob:
+        """Prepare and queue the request; raise APIError (400 / 429) before it waits."""
+        if not self.worker.has_room():  # cheap early 429: do not decode images for nothing
+            raise _too_busy(self.worker.reject())
+        loop = asyncio.get_running_loop()
+        try:
+            prepared, options = await loop.run_in_executor(self.executor, self.prepare, plan)
+        except APIError:
+            raise
+        except Exception:
+            log.exception("preparing a request failed")
+            raise internal_error() from None
+        job = GenerationJob(prepared=prepared, options=options, loop=loop, stream=plan.stream)
+        try:
+            self.worker.submit(job)
+        except QueueFullError as full:
+            raise _too_busy(full) from None
+        return job
+
+    # ---- responses ----------------------------------------------------------------------
+    async def complete(self, req: ChatCompletionRequest, request: Request) -> dict:
+        plan = self.plan(req)
+        job = await self.admit(plan)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        try:
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "done":
+                    return self._completion_body(payload, job, plan)
+                if kind == "error":
+                    raise internal_error()
+                if kind == "cancelled":
+                    raise APIError(499, "The client closed the request.", code="client_closed_request")
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op once finished; stops the generation if this task was cancelled
+
+    async def stream(self, req: ChatCompletionRequest, request: Request) -> StreamingResponse:
+        plan = self.plan(req)
+        job = await self.admit(plan)  # errors here still get their HTTP status
+        cid, created = _new_id(), int(time.time())
+
+        def chunk(delta: dict, finish_reason=None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
+                    "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            if plan.include_usage:
+                body["usage"] = None
+            return _sse(body)
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    try:
+                        kind, payload = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S * 4)
+                    except asyncio.TimeoutError:  # still queued or in prefill: is anyone listening?
+                        if await request.is_disconnected():
+                            return
+                        continue
+                    if kind == "delta":
+                        yield chunk({"content": payload})
+                    elif kind == "done":
+                        yield chunk({}, _finish_reason(payload.finish_reason))
+                        if plan.include_usage:
+                            body = self._completion_body(payload, job, plan)
+                            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                        "model": self.model_id, "system_fingerprint": SYSTEM_FINGERPRINT,
+                                        "choices": [], "usage": body["usage"], "phi3v": body["phi3v"]})
+                        break
+                    elif kind == "error":
+                        yield _sse(internal_error().body())
+                        break
+                    else:  # cancelled
+                        return
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel()  # the client hung up (this generator was closed): stop generating
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    def _completion_body(self, completion, job: GenerationJob, plan: Plan) -> dict:
+        usage = completion.usage
+        queue_s = (job.started_at or job.submitted_at) - job.submitted_at
+        return {
+            "id": _new_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_id,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": _finish_reason(completion.finish_reason),
+            }],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                      "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "phi3v": {
+                "image_tokens": usage.image_tokens,
+                "num_crops": plan.num_crops or getattr(self.model, "default_num_crops", None),
+                "queue_s": round(queue_s, 4),
+                "timings": {k: round(float(v), 4) for k, v in completion.timings.to_dict().items()},
+            },
+        }
+
+
+def decode_data_uri(url: str, param: str) -> bytes:
+    """`data:[<mediatype>][;base64],<data>` -> bytes, or a 400 naming what is wrong."""
+    header, sep, data = url[5:].partition(",")
+    if not sep:
+        raise APIError(400, f"{param}: malformed data: URI (no comma before the data).", param=param,
+                       code="invalid_image")
+    mediatype = header.split(";", 1)[0].strip().lower()
+    if mediatype and not mediatype.startswith("image/"):
+        raise APIError(400, f"{param}: the data: URI has media type {mediatype!r}; an image/* type is required.",
+                       param=param, code="invalid_image")
+    if header.lower().endswith(";base64"):
+        try:
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{param}: the data: URI is not valid base64.", param=param,
+                           code="invalid_base64") from None
+    else:
+        raw = urllib.parse.unquote_to_bytes(data)
+    if not raw:
+        raise APIError(400, f"{param}: the data: URI holds no image data.", param=param, code="invalid_image")
+    return raw
+
+
+def _reject_unsupported(req: ChatCompletionRequest) -> None:
+    """OpenAI parameters this server cannot honour: a non-default value is a 400, not silently ignored."""
+    problems = {
+        "n": req.n not in (None, 1),
+        "logprobs": bool(req.logprobs),
+        "top_logprobs": req.top_logprobs not in (None, 0),
+        "frequency_penalty": req.frequency_penalty not in (None, 0),
+        "presence_penalty": req.presence_penalty not in (None, 0),
+        "logit_bias": bool(req.logit_bias),
+        "tools": bool(req.tools),
+        "tool_choice": req.tool_choice not in (None, "none"),
+        "response_format": req.response_format not in (None, {"type": "text"}),
+        "modalities": req.modalities not in (None, ["text"]),
+    }
+    for name, bad in problems.items():
+        if bad:
+            value = json.dumps(getattr(req, name), default=str)[:80]
+            raise APIError(400, f"Unsupported parameter: {name}={value} is not supported by this server "
+                                f"(phi3v generates one text answer per request).", param=name,
+                           code="unsupported_parameter")
+
+
+async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
+    while not job.cancelled:
+        if await request.is_disconnected():
+            job.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _too_busy(full: QueueFullError) -> APIError:
+    return APIError(429, f"The server is busy: the request queue is full. Retry after {full.retry_after_s} s.",
+                    type="rate_limit_error", code="queue_full", headers={"Retry-After": str(full.retry_after_s)})
+
+
+def _image_tokens(prepared) -> int:
+    images = getattr(prepared, "images", None)
+    return sum(images.num_img_tokens) if images is not None else 0
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _new_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _sse(body: dict) -> str:
+    return "data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n\n"
