@@ -81,12 +81,14 @@ class _Prepared:
     seconds: float
 
 
-def _prepare(model, job: Job, num_crops: int | None, image_policy) -> _Prepared:
+def _prepare(model, job: Job, num_crops: int | None, image_policy, system: str | None) -> _Prepared:
     """Runs in a pool thread: decode images, build input ids.  Never raises."""
     if job.error is not None:
         return _Prepared(job, None, job.error, 0.0)
     start = time.perf_counter()
     kwargs = {"prompt": job.prompt, "images": list(job.sources), "num_crops": num_crops}
+    if system is not None:
+        kwargs["system"] = system
     if image_policy is not None:
         kwargs["image_policy"] = image_policy
     try:
@@ -125,7 +127,8 @@ def _generate_group(model, group: list[_Prepared], options: GenerationOptions,
 
 
 def iter_job_results(model, jobs: Iterable[Job], options: GenerationOptions, *,
-                     batch_size: int = 1, workers: int = 2, image_policy=None) -> Iterator[dict]:
+                     batch_size: int = 1, workers: int = 2, image_policy=None,
+                     system: str | None = None) -> Iterator[dict]:
     """Result dicts for `jobs`, in order, preprocessing `workers` threads ahead of generation.
 
     At most max(2*workers, 2*batch_size) records are prepared but not yet generated, which bounds
@@ -145,7 +148,8 @@ def iter_job_results(model, jobs: Iterable[Job], options: GenerationOptions, *,
             job = next(source, None)
             if job is None:
                 return
-            queue.append(pool.submit(_prepare, model, job, options.num_crops, image_policy))
+            queue.append(pool.submit(_prepare, model, job, options.num_crops, image_policy,
+                                     system))
 
     try:
         top_up()
@@ -305,7 +309,8 @@ def _record_from(item, n: int) -> Record:
 
 
 def run_batch(input, model=None, *, task: str | None = None, prompt: str | None = None,
-              fmt: str | None = None, out=None, retry_errors: bool = False, batch_size: int = 1,
+              fmt: str | None = None, system: str | None = None, out=None,
+              retry_errors: bool = False, batch_size: int = 1,
               workers: int = 2, image_policy=None, progress: bool = False, device: str = "auto",
               dtype=None, ray=None, ray_actors: int | None = None,
               ray_cpus_per_actor: float = 1.0, **options) -> BatchJob:
@@ -313,10 +318,12 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
 
     input:  a folder (recursive, image files only), a glob, a .jsonl file of records
             `{"id", "images", "prompt", "task"}`, or an iterable of such dicts.
-    model:  a loaded `phi3v.Phi3V`, or a model id / folder to load (with `device`, `dtype`);
-            None = phi3v.DEFAULT_MODEL.
+    model:  a loaded `phi3v.Phi3V`, a model id / folder to load (with `device`, `dtype`;
+            None = phi3v.DEFAULT_MODEL), or a function returning a loaded model (called once
+            the input has been read, so a bad input fails before the weights load).
     task / prompt / fmt: the prompt of records that give none: `prompt` if set, else the preset
-            of `task` (phi3v.tasks: describe, ocr, table, compare, ask), `fmt` its output format.
+            of `task` (phi3v.tasks: describe, ocr, table, compare, ask), `fmt` its output format
+            (precedence in batch_records.resolve_jobs).  system: a system message for all.
     out:    JSONL output file: results appended as they finish, records already there skipped
             (with `retry_errors`, those that failed are run again; the latest line wins).
     batch_size / workers: records per generation call (batched when the engine has
@@ -335,19 +342,20 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
         runner = ray_runner(model, address=None if ray is True else ray, device=device,
                             dtype=dtype, options=gen_options, batch_size=batch_size,
                             workers=workers, num_actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
-                            image_policy=image_policy,
-                            progress=progress)
+                            image_policy=image_policy, system=system)
     else:
         loaded = _ensure_model(model, device=device, dtype=dtype, progress=progress)
 
         def runner(pending: list[Job]) -> Iterator[dict]:
             return iter_job_results(loaded, pending, gen_options, batch_size=batch_size,
-                                    workers=workers, image_policy=image_policy)
+                                    workers=workers, image_policy=image_policy, system=system)
 
     return BatchJob(jobs, runner, out=out, retry_errors=retry_errors, progress=progress)
 
 
 def _ensure_model(model, *, device, dtype, progress):
+    if callable(model) and not hasattr(model, "generate"):
+        return model()
     if model is None or isinstance(model, (str, os.PathLike)):
         import phi3v
 

@@ -55,13 +55,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "supports it; with --ray also the records per actor call) (default 4)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="preprocessing threads working ahead of the model (default 2)")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, metavar="N", help="default 512")
-    gen.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--repetition-penalty", type=float)
-    gen.add_argument("--seed", type=int, help="sampling seed, the same for every record")
+    gen = p.add_argument_group("generation (the same names as the other subcommands)")
+    gen.add_argument("--max-tokens", type=int, default=512, metavar="N",
+                     help="most tokens to generate per record (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="(default: 0 = off)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="sampling seed, the same for every record (so a record's result does "
+                     "not depend on the order or the batch it ran in)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when TEXT is generated (repeatable)")
+    gen.add_argument("--system", default=None, metavar="TEXT", help="a system message for every record")
     ray = p.add_argument_group("scale-out (Ray)")
     ray.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                      help="run on a Ray cluster with Ray Data: ADDRESS like 10.0.0.5:6379 or "
@@ -71,53 +76,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="model actors (default: one per GPU, or per --ray-cpus-per-actor CPUs)")
     ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="N",
                      help="CPUs reserved by each CPU actor, also its torch threads (default 1)")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress bar (the one-line summary is still printed)")
 
 
-def register(subparsers, common: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Add `batch` to the `phi3v` command's subparsers; `common` holds --model/--device/..."""
-    parents = [common] if common is not None else []
-    p = subparsers.add_parser("batch", parents=parents, help="run over many images, results to JSONL",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `batch` to the `phi3v` command; `common` holds --model/--device/--dtype/--num-crops."""
+    from .cli import HelpFormatter, output_parent  # --quiet (no progress bar), --verbose
+
+    p = subparsers.add_parser("batch", parents=[common, output_parent()],
+                              help="run a task or prompt over many images, results to JSONL",
+                              description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run_command)
     return p
 
 
-def _common_parser() -> argparse.ArgumentParser:
-    """--model/--device/--dtype/--num-crops for `python -m phi3v.batch_cli` (cli.py has its own)."""
-    import phi3v
-
-    c = argparse.ArgumentParser(add_help=False)
-    c.add_argument("--model", "-m", default=phi3v.DEFAULT_MODEL, help="hub id or local folder")
-    c.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    c.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: by device)")
-    c.add_argument("--num-crops", type=int, default=None, help="HD crops per image")
-    return c
-
-
 def _options(args) -> dict:
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-             "num_crops")
-    return {n: getattr(args, n, None) for n in names if getattr(args, n, None) is not None}
-
-
-def _image_policy():
-    from .cli_images import cli_policy  # files and http(s) URLs, like the other subcommands
-
-    return cli_policy()
-
-
-def _load_model(args):
-    try:
-        from .cli import load_model_from_args
-    except ImportError:
-        import phi3v
-
-        return phi3v.load(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
-    return load_model_from_args(args)
+    return {"max_new_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+            "stop": tuple(args.stop or ()), "num_crops": args.num_crops}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -132,6 +108,7 @@ def run_command(args) -> int:
     from pathlib import Path
 
     from .batch import run_batch
+    from .cli_images import cli_policy  # files and http(s) URLs, like the other subcommands
     from .cli_output import print_error
 
     if args.task is None and args.prompt is None and not str(args.input).lower().endswith(".jsonl"):
@@ -145,11 +122,16 @@ def run_command(args) -> int:
         return EXIT_ERRORS
     task = args.task or ("ask" if args.prompt is not None else None)
     use_ray = args.ray is not None
-    model = args.model if use_ray else _load_model(args)  # Ray actors load their own copies
+    from .cli import load_model_from_args
+
+    # Ray actors load their own copies; the driver needs none.  Locally the model is loaded
+    # after the input has been read, so a wrong INPUT fails at once.
+    model = args.model if use_ray else (lambda: load_model_from_args(args))
+    dtype = None if args.dtype in (None, "auto") else args.dtype
     job = run_batch(args.input, model, task=task, prompt=args.prompt, fmt=args.fmt, out=args.out,
                     retry_errors=args.retry_errors, batch_size=args.batch_size,
-                    workers=args.workers, image_policy=_image_policy(), progress=not args.quiet,
-                    device=args.device, dtype=args.dtype, ray=args.ray,
+                    workers=args.workers, image_policy=cli_policy(), progress=not args.quiet,
+                    system=args.system, device=args.device, dtype=dtype, ray=args.ray,
                     ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
                     **_options(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -165,29 +147,11 @@ def run_command(args) -> int:
     return EXIT_ERRORS if job.stats.errors else EXIT_OK
 
 
-def _run_with_errors(func, args) -> int:
-    """Phi3VError -> one 'phi3v: error:' line and exit 1, like the other subcommands."""
-    try:
-        from .cli import run_with_errors
-    except ImportError:
-        from .cli_output import print_error
-        from .errors import Phi3VError
-
-        try:
-            return func(args)
-        except Phi3VError as e:
-            print_error(str(e))
-            return EXIT_ERRORS
-    return run_with_errors(func, args)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="phi3v batch", parents=[_common_parser()],
-                                     description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return _run_with_errors(run_command, args)
+    """`python -m phi3v.batch_cli ARGS` = `phi3v batch ARGS`."""
+    from .cli import main as cli_main
+
+    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class ModelActor:
     """One Ray actor = one loaded model; called with batches of {"job": [json str, ...]}."""
 
     def __init__(self, *, model: str, device: str, dtype, options: GenerationOptions,
-                 batch_size: int, workers: int, image_policy, torch_threads: int):
+                 batch_size: int, workers: int, image_policy, system: str | None,
+                 torch_threads: int):
         import torch
 
         import phi3v
@@ -46,13 +47,15 @@ class ModelActor:
         self.batch_size = batch_size
         self.workers = workers
         self.image_policy = image_policy
+        self.system = system
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
         jobs = [Job.from_dict(json.loads(text)) for text in batch["job"]]
         results = iter_job_results(self.model, jobs, self.options, batch_size=self.batch_size,
-                                   workers=self.workers, image_policy=self.image_policy)
+                                   workers=self.workers, image_policy=self.image_policy,
+                                   system=self.system)
         lines = [json.dumps(r, ensure_ascii=False) for r in results]
         return {"result": np.array(lines, dtype=object)}
 
@@ -93,7 +96,7 @@ def _placement(ray, device: str, num_actors: int | None, cpus_per_actor: float,
 def ray_runner(model, *, address: str | None, device: str = "auto", dtype=None,
                options: GenerationOptions, batch_size: int = 1, workers: int = 1,
                num_actors: int | None = None, cpus_per_actor: float = 1.0,
-               image_policy=None, progress: bool = False):
+               image_policy=None, system: str | None = None):
     """A runner for batch.BatchJob: pending jobs -> result dicts, computed by Ray actors.
 
     address: a Ray cluster ("10.0.0.5:6379", "ray://...", "auto"), or None: the cluster Ray
@@ -105,6 +108,8 @@ def ray_runner(model, *, address: str | None, device: str = "auto", dtype=None,
 
         model = phi3v.DEFAULT_MODEL
     if not isinstance(model, (str, os.PathLike)):
+        if not hasattr(model, "name"):
+            raise Phi3VError("with ray, give the model as an id or folder: each actor loads its own")
         # A loaded Phi3V: actors load their own copy from the same name / folder.
         dtype = dtype if dtype is not None else str(getattr(model, "dtype", "")).replace("torch.", "") or None
         model = model.name
@@ -124,6 +129,9 @@ def ray_runner(model, *, address: str | None, device: str = "auto", dtype=None,
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # our own bar (batch.BatchJob) counts records
             ctx.print_on_execution_start = False
+            # Ray Data's INFO/WARNING lines (execution start/finish, "progress bars disabled")
+            # would interleave with our bar; its errors still surface as exceptions.
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
             n_blocks = max(1, math.ceil(len(pending) / batch_size))
             actor_device, per_actor, count = _placement(ray, device, num_actors,
                                                         cpus_per_actor, n_blocks)
@@ -134,7 +142,7 @@ def ray_runner(model, *, address: str | None, device: str = "auto", dtype=None,
                 ModelActor,
                 fn_constructor_kwargs={
                     "model": model, "device": actor_device, "dtype": dtype, "options": options,
-                    "batch_size": batch_size, "workers": workers, "image_policy": image_policy,
+                    "batch_size": batch_size, "workers": workers, "image_policy": image_policy, "system": system,
                     "torch_threads": threads,
                 },
                 batch_size=batch_size,
