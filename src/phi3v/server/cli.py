@@ -16,11 +16,27 @@ import sys
 LOOPBACK = "127.0.0.1"
 
 
+EPILOG = """examples:
+  phi3v serve --model microsoft/Phi-3.5-vision-instruct            # http://127.0.0.1:8000/
+  phi3v serve --model ./my-checkpoint --num-crops 4 --api-key s3cret --max-queue 8
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "Phi-3.5-vision-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+
 def register(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    extra = {}
+    try:  # the main CLI's formatter keeps the examples' layout
+        from ..cli import HelpFormatter
+
+        extra["formatter_class"] = HelpFormatter
+    except ImportError:
+        extra["formatter_class"] = argparse.RawDescriptionHelpFormatter
     parser = subparsers.add_parser(
         "serve", parents=[common], help="run the OpenAI-compatible server and its web page",
         description="Serve POST /v1/chat/completions (OpenAI-compatible, images as data: URIs), "
-                    "GET /v1/models, GET /health and a chat web page at /.")
+                    "GET /v1/models, GET /health and a chat web page at /. The model loads once, at start-up.",
+        epilog=EPILOG, **extra)
     add_serve_arguments(parser)
     parser.set_defaults(func=run_serve)
     return parser
@@ -62,17 +78,14 @@ def settings_from_args(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    import phi3v
-
     from . import create_app
 
     settings = settings_from_args(args)
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use "
               f"the model", file=sys.stderr)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model = phi3v.load(args.model, device=getattr(args, "device", "auto") or "auto",
-                       dtype=getattr(args, "dtype", None))
+    print(f"phi3v: loading {args.model} ...", file=sys.stderr)
+    model = _load(args)
     app = create_app(model, settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"phi3v: serving {model.name} at http://{shown}:{args.port}/  (API: /v1/chat/completions)",
@@ -82,8 +95,27 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args):
+    try:
+        from ..cli import load_model_from_args  # same loading (dtype "auto", progress rules) as the CLI
+    except ImportError:
+        import phi3v
+
+        dtype = None if getattr(args, "dtype", None) in (None, "auto") else args.dtype
+        return phi3v.load(args.model, device=getattr(args, "device", "auto") or "auto", dtype=dtype)
+    return load_model_from_args(args)
+
+
 def main(argv=None) -> int:
-    """`python -m phi3v.server`: the serve subcommand on its own."""
+    """`python -m phi3v.server`: the serve subcommand on its own (through the main CLI when present)."""
+    try:
+        from ..cli import main as cli_main
+    except ImportError:
+        return _standalone_main(argv)
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _standalone_main(argv=None) -> int:
     import phi3v
 
     common = argparse.ArgumentParser(add_help=False)
