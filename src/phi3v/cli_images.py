@@ -64,8 +64,6 @@ def cli_policy():
 
 def open_cli_image(source: str, stdin_bytes: bytes | None = None) -> CliImage:
     """Open one image argument; `stdin_bytes` are used for "-". Raises ImageError naming it."""
-    from .image import open_image
-
     if source == "-":
         if not stdin_bytes:
             raise _image_error("no image bytes on standard input",
@@ -76,6 +74,8 @@ def open_cli_image(source: str, stdin_bytes: bytes | None = None) -> CliImage:
         if not is_url(source):
             _check_local_file(source)
             payload = Path(source).expanduser()  # a Path: never mistaken for base64 text
+    from .image import open_image  # after the cheap checks: a wrong path fails before torch loads
+
     try:
         image = open_image(payload, cli_policy())
     except ImageError as err:
@@ -104,5 +104,8 @@ def open_cli_images(sources: list[str]) -> list[CliImage]:
     if sources.count("-") > 1:
         raise _image_error("\"-\" (an image on stdin) can be given only once",
                            "save the other images to files")
+    for source in sources:  # every path first: a typo in the last one fails before any decoding
+        if source != "-" and not is_url(source):
+            _check_local_file(source)
     stdin_bytes = sys.stdin.buffer.read() if "-" in sources else None
     return [open_cli_image(s, stdin_bytes) for s in sources]
