@@ -8,6 +8,7 @@ Not thread-safe: run one generation at a time per object (the server and batch r
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,14 @@ from . import chat as chat_format
 from .checkpoint import load_weights, resolve_model_dir
 from .config import Phi3VConfig
 from .decoder import LongRoPE
-from .errors import DeviceError, PromptTooLongError, TooManyImagesError
-from .generate import GenerationState, StopMatcher, generate_ids
+from .errors import DeviceError, Phi3VError, PromptTooLongError, TooManyImagesError
+from .batched import BatchRow, BatchStream
+from .feature_cache import ImageFeatureCache, image_keys
+from .generate import GenerationState, TextAssembler, generate_ids
 from .image import ImageBatch, ImageSourcePolicy, open_image, preprocess
 from .model import Phi3VForCausalLM
 from .options import GenerationOptions
+from .prefix_cache import RetainedConversation, reusable_prefix
 from .results import Completion, Timings, Usage
 from .tokenizer import Tokenizer
 from .vision import unused_vision_keys
@@ -65,6 +69,7 @@ class PreparedPrompt:
     images: ImageBatch | None
     prompt_text: str
     preprocess_s: float = 0.0
+    image_keys: list[str] | None = None  # content key per image (feature_cache.image_keys), set on first use
 
     @property
     def image_tokens(self) -> int:
@@ -85,6 +90,7 @@ class TextStream:
         self._timings = Timings(preprocess_s=prepared.preprocess_s)
         self._ids: list[int] = []
         self._text = ""
+        self.reused_tokens = 0  # prompt tokens taken from the retained KV cache (not prefilled)
         self._gen = model._run(prepared, options, self)
 
     def __iter__(self) -> Iterator[str]:
@@ -110,20 +116,33 @@ class TextStream:
 
 
 class Phi3V:
+    # A retained prefix shorter than this is not reused (it would save almost nothing).
+    prefix_min_tokens = 16
+
     def __init__(self, module: Phi3VForCausalLM, cfg: Phi3VConfig, tokenizer: Tokenizer, name: str,
-                 model_dir: Path, image_policy: ImageSourcePolicy | None = None, max_context: int | None = None):
+                 model_dir: Path, image_policy: ImageSourcePolicy | None = None, max_context: int | None = None,
+                 image_cache_mb: float = 512, prefix_cache: bool = True):
         self.module, self.config, self.tokenizer = module, cfg, tokenizer
         self.name, self.model_dir = name, model_dir
         self.image_policy = image_policy or ImageSourcePolicy()
         self.context_length = min(max_context or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings)
         self.stop_ids = frozenset(cfg.stop_token_ids) | tokenizer.stop_ids
+        # Caches (see clear_caches): image features by content, and the last conversation's KV cache.
+        self.image_cache = ImageFeatureCache(int(image_cache_mb * 2**20))
+        self.prefix_cache = bool(prefix_cache)
+        self._retained: RetainedConversation | None = None
+        self._retained_lock = threading.Lock()
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path, *, device: str | torch.device = "auto", dtype=None, progress: bool = True,
              revision: str | None = None, image_policy: ImageSourcePolicy | None = None,
-             max_context: int | None = None) -> "Phi3V":
-        """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS)."""
+             max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True) -> "Phi3V":
+        """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS).
+
+        image_cache_mb: byte budget of the image-feature cache (0 = off). prefix_cache: keep the
+        last conversation's KV cache so a follow-up that extends it prefills only the new tokens.
+        """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model_dir = resolve_model_dir(str(model), progress=progress, revision=revision)
@@ -135,7 +154,8 @@ class Phi3V:
         load_weights(module, model_dir, dtype=dt, device=dev, skip_unused=unused_vision_keys(cfg.vision))
         module.model.rotary.to(dev)
         module.eval()
-        return cls(module, cfg, tokenizer, str(model), model_dir, image_policy, max_context)
+        return cls(module, cfg, tokenizer, str(model), model_dir, image_policy, max_context,
+                   image_cache_mb=image_cache_mb, prefix_cache=prefix_cache)
 
     @property
     def device(self) -> torch.device:
@@ -224,6 +244,52 @@ class Phi3V:
         self.check_fits(prepared)
         return TextStream(self, prepared, options)
 
+    def generate_batch(self, prepared: Sequence[PreparedPrompt],
+                       options: GenerationOptions | Sequence[GenerationOptions] | None = None) -> list[Completion]:
+        """Generate for several prompts at once (one batched decoder pass per step) -> one
+        Completion per prompt, in order. `options` is shared or one per prompt. Greedy results
+        equal running each prompt alone (up to float rounding of the batched matmuls)."""
+        stream = self.generate_batch_stream(prepared, options)
+        for _ in stream:
+            pass
+        return list(stream.completions)
+
+    def generate_batch_stream(self, prepared: Sequence[PreparedPrompt],
+                              options: GenerationOptions | Sequence[GenerationOptions] | None = None) -> BatchStream:
+        """Like generate_batch, as an iterator of (row, text delta); `.completions` at the end."""
+        prepared = list(prepared)
+        if not prepared:
+            raise Phi3VError("generate_batch needs at least one prepared prompt")
+        if options is None or isinstance(options, GenerationOptions):
+            opts = [options or GenerationOptions()] * len(prepared)
+        else:
+            opts = list(options)
+            if len(opts) != len(prepared):
+                raise Phi3VError(f"{len(opts)} GenerationOptions given for {len(prepared)} prompts")
+        for p in prepared:
+            self.check_fits(p)
+        opts = [self._max_new_tokens(p, o) for p, o in zip(prepared, opts)]
+        started = [time.perf_counter() - p.preprocess_s for p in prepared]
+        timings = [Timings(preprocess_s=p.preprocess_s) for p in prepared]
+        usages = [Usage(prompt_tokens=p.num_tokens, image_tokens=p.image_tokens) for p in prepared]
+
+        def make_rows() -> list[BatchRow]:
+            t0 = time.perf_counter()
+            feats = self._image_features(prepared)  # every row's images, misses in one vision batch
+            for t in timings:
+                t.vision_s = time.perf_counter() - t0  # shared by the batch
+            return [BatchRow(torch.tensor(p.input_ids, dtype=torch.long), f, o)
+                    for p, f, o in zip(prepared, feats, opts)]
+
+        return BatchStream(self.module, make_rows, opts, self.tokenizer, self.stop_ids, self.config.rope_switch,
+                           usages, timings, started)
+
+    def clear_caches(self) -> None:
+        """Free the image-feature cache and the retained conversation's KV cache."""
+        self.image_cache.clear()
+        with self._retained_lock:
+            self._retained = None
+
     @torch.inference_mode()
     def image_embeddings(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Projected image features, one (T_k, hidden) float32 CPU tensor per image."""
@@ -247,6 +313,66 @@ class Phi3V:
         with torch.inference_mode():
             return self.module.model.vision_embed_tokens(pixel_values.to(self.device), image_sizes)
 
+    def _image_features(self, prepared: list[PreparedPrompt]) -> list[list[torch.Tensor]]:
+        """Each prompt's image features (image k at index k-1), from the feature cache where the
+        same pixels were seen before; the misses of all prompts go through the vision tower in one
+        batch per crop count (an image that repeats is encoded once)."""
+        use_keys = self.image_cache.max_bytes > 0 or self.prefix_cache
+        out: list[list] = [[None] * len(p.images.num_img_tokens) if p.images is not None else [] for p in prepared]
+        misses: dict[str, list[tuple[int, int]]] = {}  # key -> the (prompt, image) places that need it
+        for r, p in enumerate(prepared):
+            if p.images is None:
+                continue
+            if use_keys and p.image_keys is None:
+                p.image_keys = image_keys(p.images.pixel_values, p.images.image_sizes)
+            for k in range(len(out[r])):
+                key = p.image_keys[k] if use_keys else f"{r}:{k}"
+                feats = self.image_cache.get(key) if self.image_cache.max_bytes > 0 else None
+                if feats is not None:
+                    out[r][k] = feats
+                else:
+                    misses.setdefault(key, []).append((r, k))
+        groups: dict[int, list[str]] = {}  # crops per image -> keys (pixel_values stack only then)
+        for key, places in misses.items():
+            r, k = places[0]
+            groups.setdefault(prepared[r].images.pixel_values.shape[1], []).append(key)
+        for keys in groups.values():
+            first = [misses[key][0] for key in keys]
+            pixels = torch.stack([prepared[r].images.pixel_values[k] for r, k in first])
+            sizes = torch.stack([prepared[r].images.image_sizes[k] for r, k in first])
+            for key, feats in zip(keys, self._encode_images(pixels, sizes)):
+                if self.image_cache.max_bytes > 0:
+                    self.image_cache.put(key, feats)
+                for r, k in misses[key]:
+                    out[r][k] = feats
+        return out
+
+    def _take_prefix(self, prepared: PreparedPrompt) -> tuple[int, object]:
+        """-> (tokens reused, KV cache to generate with): the retained conversation's cache cut to
+        the reusable prefix, or a fresh cache. The retained conversation is taken either way."""
+        with self._retained_lock:
+            retained, self._retained = self._retained, None
+        if retained is not None and self.prefix_cache:
+            t = self.config.text
+            new_long = t.rope_long_factor is not None and prepared.num_tokens > t.original_max_position_embeddings
+            reuse = reusable_prefix(retained, prepared.input_ids, prepared.image_keys or [], new_long,
+                                    self.prefix_min_tokens)
+            if reuse:
+                retained.cache.truncate(reuse)
+                return reuse, retained.cache
+        del retained  # free its memory before a new cache grows
+        return 0, self.module.new_cache()
+
+    def _retain(self, prepared: PreparedPrompt, state: GenerationState) -> None:
+        """Keep this conversation's KV cache for a follow-up (replaces any earlier one)."""
+        if not self.prefix_cache or state.cache is None:
+            return
+        n = state.cache.length  # prompt + generated tokens fed back (the last one never is)
+        ids = (list(prepared.input_ids) + list(state.generated))[:n]
+        retained = RetainedConversation(ids, list(prepared.image_keys or []), state.cache, state.long_rope)
+        with self._retained_lock:
+            self._retained = retained
+
     def _max_new_tokens(self, prepared: PreparedPrompt, options: GenerationOptions) -> GenerationOptions:
         room = self.context_length - prepared.num_tokens
         if options.max_new_tokens > room:
@@ -259,43 +385,43 @@ class Phi3V:
         options = self._max_new_tokens(prepared, options)
         timings = out._timings
         t0 = time.perf_counter()
-        feats = []
-        if prepared.images is not None:
-            feats = self._encode_images(prepared.images.pixel_values, prepared.images.image_sizes)
+        feats = self._image_features([prepared])[0]  # hashing + cache lookups + encoding the misses
         timings.vision_s = time.perf_counter() - t0
 
-        state = GenerationState(torch.tensor(prepared.input_ids, dtype=torch.long), feats, self.module.new_cache())
-        decoder = self.tokenizer.incremental()
-        matcher = StopMatcher(options.stop)
-        raw, emitted, reason = "", 0, "length"
+        reuse, cache = self._take_prefix(prepared)
+        out.reused_tokens = reuse
+        state = GenerationState(torch.tensor(prepared.input_ids, dtype=torch.long), feats, cache)
+        text = TextAssembler(self.tokenizer, self.stop_ids, options.stop)
         t_decode = None
+        consistent = False  # the KV cache holds exactly the ids fed so far (not after an error)
         try:
-            for token in generate_ids(self.module, state, options, self.stop_ids, self.config.rope_switch):
+            for token in generate_ids(self.module, state, options, self.stop_ids, self.config.rope_switch,
+                                      reuse_prefix=reuse):
                 if t_decode is None:
                     t_decode = time.perf_counter()
                     timings.prefill_s = state.prefill_s
                     timings.first_token_s = t_decode - t_start
                 out._ids.append(token)
-                if token in self.stop_ids:
-                    reason = "stop"
-                    break
-                raw += decoder.push(token)
-                safe, stopped = matcher.check(raw, emitted)
-                if safe > emitted:
-                    out._text = raw[:safe]
-                    yield raw[emitted:safe]
-                    emitted = safe
-                if stopped:
-                    reason = "stop"
+                delta = text.push(token)
+                out._text = text.text
+                if delta:
+                    yield delta
+                if text.finish_reason is not None:  # stop id or stop string
                     break
             else:
-                raw += decoder.flush()
-                if len(raw) > emitted:  # text held back for a possible stop string that never came
-                    out._text = raw
-                    yield raw[emitted:]
+                delta = text.flush()  # text held back for a possible stop string that never came
+                out._text = text.text
+                if delta:
+                    yield delta
+            consistent = True
+        except GeneratorExit:  # cancelled at a yield: the cache is still consistent
+            consistent = True
+            raise
         finally:
             if t_decode is not None:
                 timings.decode_s = time.perf_counter() - t_decode
                 timings._decode_tokens = max(0, len(out._ids) - 1)
-            state.cache = None  # free the KV cache as soon as the generation ends or is cancelled
-        out._finish(reason)
+            if consistent:
+                self._retain(prepared, state)
+            state.cache = None  # otherwise the KV cache is freed as soon as the generation ends
+        out._finish(text.finish_reason or "length")

@@ -80,6 +80,47 @@ class StopMatcher:
         return len(text) - hold, False
 
 
+class TextAssembler:
+    """One sequence's token ids -> text deltas: incremental detokenization, stop ids, stop strings.
+
+    push(token) returns the text now safe to show; `finish_reason` becomes "stop" at a stop id or
+    a stop string (the caller then ends that sequence). flush() releases held-back text when the
+    sequence ends by length. `ids` keeps every pushed id (a stop id included, as before).
+    """
+
+    def __init__(self, tokenizer, stop_ids: frozenset[int], stops: tuple[str, ...]):
+        self.decoder = tokenizer.incremental()
+        self.matcher = StopMatcher(stops)
+        self.stop_ids = stop_ids
+        self.ids: list[int] = []
+        self.text = ""  # what has been emitted
+        self.finish_reason: str | None = None
+        self._raw = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return ""
+        self._raw += self.decoder.push(token)
+        safe, stopped = self.matcher.check(self._raw, len(self.text))
+        delta = ""
+        if safe > len(self.text):
+            delta = self._raw[len(self.text):safe]
+            self.text = self._raw[:safe]
+        if stopped:
+            self.finish_reason = "stop"
+        return delta
+
+    def flush(self) -> str:
+        """End by length: text held back for a stop string that never came is released."""
+        self._raw += self.decoder.flush()
+        delta = self._raw[len(self.text):]
+        self.text = self._raw
+        self.finish_reason = self.finish_reason or "length"
+        return delta
+
+
 # -- the loop -------------------------------------------------------------------------------------
 @dataclass
 class GenerationState:
