@@ -168,12 +168,13 @@ def format_info(images: list[dict], model: dict, chosen: int) -> str:
             mark = "  ← chosen" if row["num_crops"] == chosen else ""
             lines.append(f"  {row['num_crops']:>9}  {grid:>6}  {row['crops']:>5}  {row['tokens']:>6}{mark}")
     p = model["parameters"]
-    where = ("estimated from the known Phi-3-vision config: " + model["config_source"]
+    where = (model["config_source"] + ": sizes of the published Phi-3-vision config"
              if model["estimated"] else "config from " + model["config_source"])
     lines.append(f"model: {model['model']} ({where})")
     lines.append(f"  parameters: {human_count(p['total'])} (decoder {human_count(p['decoder'])}, "
                  f"vision {human_count(p['vision'])}, projector {human_count(p['projector'])})")
-    lines.append(f"  weights in {model['dtype']}: {human_bytes(model['weights_bytes'])}")
+    lines.append(f"  weights in {model['dtype']}: {human_bytes(model['weights_bytes'])} "
+                 f"({model['weights_bytes'] / 1e9:.2f} GB)")
     per_tok = model["kv_cache_bytes_per_token"]
     kv = f"  KV cache: {human_bytes(per_tok)} per token"
     total_tokens = sum(next(r["tokens"] for r in im["by_num_crops"] if r["num_crops"] == chosen)
