@@ -32,6 +32,8 @@ from .results import Completion, Timings, Usage
 from .tokenizer import Tokenizer
 from .vision import unused_vision_keys
 
+QUANTIZATION_KEY = "phi3v_quantization"  # config.json key of a quantized checkpoint (see quantize.py)
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -137,23 +139,31 @@ class Phi3V:
     @classmethod
     def load(cls, model: str | Path, *, device: str | torch.device = "auto", dtype=None, progress: bool = True,
              revision: str | None = None, image_policy: ImageSourcePolicy | None = None,
-             max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True) -> "Phi3V":
+             max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True,
+             quantize: str | None = None) -> "Phi3V":
         """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS).
 
         image_cache_mb: byte budget of the image-feature cache (0 = off). prefix_cache: keep the
         last conversation's KV cache so a follow-up that extends it prefills only the new tokens.
+        quantize: None | "int8" | "int4" (| "int4:GROUP") quantizes the decoder's linear layers while
+        loading (phi3v.quantize); a checkpoint written by `phi3v quantize` loads quantized as it is.
         """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model_dir = resolve_model_dir(str(model), progress=progress, revision=revision)
         cfg = Phi3VConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
-        with torch.device("meta"):
-            module = Phi3VForCausalLM(cfg)
-        module.model.rotary = LongRoPE(cfg.text)  # computed, not stored in the checkpoint
-        load_weights(module, model_dir, dtype=dt, device=dev, skip_unused=unused_vision_keys(cfg.vision))
-        module.model.rotary.to(dev)
-        module.eval()
+        if quantize is not None or QUANTIZATION_KEY in cfg.raw:
+            from .quant_checkpoint import load_quantized_module
+
+            module = load_quantized_module(cfg, model_dir, dtype=dt, device=dev, requested=quantize)
+        else:
+            with torch.device("meta"):
+                module = Phi3VForCausalLM(cfg)
+            module.model.rotary = LongRoPE(cfg.text)  # computed, not stored in the checkpoint
+            load_weights(module, model_dir, dtype=dt, device=dev, skip_unused=unused_vision_keys(cfg.vision))
+            module.model.rotary.to(dev)
+            module.eval()
         return cls(module, cfg, tokenizer, str(model), model_dir, image_policy, max_context,
                    image_cache_mb=image_cache_mb, prefix_cache=prefix_cache)
 
@@ -316,17 +326,17 @@ class Phi3V:
     def _image_features(self, prepared: list[PreparedPrompt]) -> list[list[torch.Tensor]]:
         """Each prompt's image features (image k at index k-1), from the feature cache where the
         same pixels were seen before; the misses of all prompts go through the vision tower in one
-        batch per crop count (an image that repeats is encoded once)."""
-        use_keys = self.image_cache.max_bytes > 0 or self.prefix_cache
+        batch per crop count (an image that repeats is encoded once). Hashing the pixels costs far
+        less than encoding them, so content keys are computed even with the cache off."""
         out: list[list] = [[None] * len(p.images.num_img_tokens) if p.images is not None else [] for p in prepared]
         misses: dict[str, list[tuple[int, int]]] = {}  # key -> the (prompt, image) places that need it
         for r, p in enumerate(prepared):
             if p.images is None:
                 continue
-            if use_keys and p.image_keys is None:
+            if p.image_keys is None:
                 p.image_keys = image_keys(p.images.pixel_values, p.images.image_sizes)
             for k in range(len(out[r])):
-                key = p.image_keys[k] if use_keys else f"{r}:{k}"
+                key = p.image_keys[k]
                 feats = self.image_cache.get(key) if self.image_cache.max_bytes > 0 else None
                 if feats is not None:
                     out[r][k] = feats
