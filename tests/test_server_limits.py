@@ -211,3 +211,44 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
         proc.wait(30)
     out = (tmp_path / "serve.log").read_text()
     assert f"http://127.0.0.1:{port}/" in out and "Traceback" not in out
+
+
+# ---- batched generation (used when the model offers generate_batch) ------------------------------
+
+
+class BatchingModel:
+    """The tiny model plus a `generate_batch` that records its calls (a stand-in for the fast path)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.batch_sizes = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate_batch(self, prepared_list, options):
+        self.batch_sizes.append(len(prepared_list))
+        return [self._model.generate(p, options) for p in prepared_list]
+
+
+def test_queued_non_streamed_requests_are_batched(tiny_model):
+    model = BatchingModel(tiny_model)
+    with RunningServer(model, ServerSettings(max_queue=8, default_num_crops=1)) as srv:
+        srv.model_id = srv.health()["model"]
+        client = srv.client()
+        blocker = client.chat.completions.create(model=srv.model_id, messages=[{"role": "user", "content": "go"}],
+                                                 max_tokens=20_000, stream=True)
+        it = iter(blocker)
+        next(it), next(it)  # the engine is busy: what comes now waits in the queue together
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(client.chat.completions.create, **small_request(srv.model_id, i)) for i in range(3)]
+            srv.wait_health(lambda h: h["queue"]["waiting"] == 3)
+            blocker.close()
+            answers = [f.result(timeout=60).choices[0].message.content for f in futures]
+        assert model.batch_sizes == [3]
+        for i, text in enumerate(answers):
+            ref = tiny_model.chat([{"role": "user", "content": [{"type": "image", "image": IMG},
+                                    {"type": "text", "text": f"Question {i}: what is this?"}]}],
+                                  max_new_tokens=4, num_crops=1)
+            assert text == ref.text
+        assert srv.health()["queue"]["batches"] == 1
