@@ -31,7 +31,7 @@ from torch import nn
 from .checkpoint import INDEX_FILE, checkpoint_files, load_weights
 from .config import Phi3VConfig
 from .decoder import LongRoPE
-from .errors import CheckpointError
+from .errors import CheckpointError, Phi3VError
 from .model import Phi3VForCausalLM
 from .quantize import (CONFIG_KEY, QuantConfig, checkpoint_quantization, new_quantized_linear,
                        portable_tensors, quantize_weight, quantized_layers, set_submodule,
@@ -242,9 +242,9 @@ def _prepare_out_dir(src_dir: Path, out_dir: Path, qc: QuantConfig) -> None:
     """Copy every non-weight file (configs, tokenizer) and record the scheme in config.json."""
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(src_dir).resolve():
-        raise CheckpointError("the output folder must differ from the source checkpoint folder")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CheckpointError(f"output folder {out_dir} exists and is not empty")
+        raise Phi3VError("the output folder must differ from the source checkpoint folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise Phi3VError(f"output folder {out_dir} exists and is not empty: choose a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in Path(src_dir).iterdir():
         if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:

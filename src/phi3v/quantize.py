@@ -43,7 +43,9 @@ PREFILL_ROWS = 128  # M at and above which CPU layers dequantize and use the flo
 
 # Linear layers of the decoder that get quantized (names inside model.layers.N).
 DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-_VISION_PREFIX = "model.vision_embed_tokens."
+# vision=True quantizes the CLIP encoder layers; the projector (4% of the vision weights) stays float
+# because the vision code reads its weight dtype.
+_VISION_ENCODER = "model.vision_embed_tokens.img_processor.vision_model.encoder."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ class QuantConfig:
 
     scheme: str  # "int8" | "int4"
     group_size: int | None = None  # int4: inputs per (scale, zero) pair; None for int8
-    vision: bool = False  # also quantize the CLIP tower and the projector
+    vision: bool = False  # also quantize the CLIP encoder layers
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -111,7 +113,7 @@ def checkpoint_quantization(raw_config: dict) -> QuantConfig | None:
 
 
 def target_linear_names(module: nn.Module, qc: QuantConfig) -> list[str]:
-    """Full names of the nn.Linear layers `qc` quantizes (decoder layers; vision side if asked).
+    """Full names of the nn.Linear layers `qc` quantizes (decoder layers; CLIP encoder if asked).
     The lm_head and the embeddings stay in float: the engine reads lm_head.weight for its dtype."""
     names = []
     for name, sub in module.named_modules():
@@ -119,7 +121,7 @@ def target_linear_names(module: nn.Module, qc: QuantConfig) -> list[str]:
             continue
         if name.startswith("model.layers.") and name.split(".", 3)[3] in DECODER_LINEARS:
             names.append(name)
-        elif qc.vision and name.startswith(_VISION_PREFIX):
+        elif qc.vision and name.startswith(_VISION_ENCODER):
             names.append(name)
     return names
 
