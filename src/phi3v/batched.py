@@ -112,14 +112,15 @@ class PaddedBatch:
 
 def generate_ids_batched(model: Phi3VForCausalLM, rows: list[BatchRow], stop_ids: frozenset[int],
                          rope_switch: str = "mixed", stopped: set[int] | None = None,
-                         timings: dict | None = None) -> Iterator[tuple[int, int]]:
+                         timings: dict | None = None, logits_hook=None) -> Iterator[tuple[int, int]]:
     """Yield (row, token id) for every generated token, rows interleaved step by step.
 
     A row ends after its stop id, its max_new_tokens, or when the consumer adds its index to
     `stopped` (e.g. a stop string) right after receiving one of its tokens. `timings["prefill_s"]`
     is set once the batch prefill is done. `rope_switch` as in generate.generate_ids: under
     "recompute" a row whose sequence grows past original_max_position_embeddings is re-prefilled
-    with the long factors, exactly as when it runs alone.
+    with the long factors, exactly as when it runs alone. `logits_hook(row, step, logits)` sees
+    the float32 logits each token is chosen from (for tests).
     """
     stopped = stopped if stopped is not None else set()
     device = model.lm_head.weight.device
@@ -143,6 +144,8 @@ def generate_ids_batched(model: Phi3VForCausalLM, rows: list[BatchRow], stop_ids
             seen = None
             if opts.repetition_penalty != 1.0:
                 seen = torch.cat([text_ids[row], torch.tensor(generated[row], dtype=torch.long)])
+            if logits_hook is not None:
+                logits_hook(row, len(generated[row]), logits[j])
             token = samplers[row](logits[j], seen)
             generated[row].append(token)
             yield row, token
