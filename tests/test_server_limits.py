@@ -216,23 +216,30 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
 # ---- batched generation (used when the model offers generate_batch) ------------------------------
 
 
-class BatchingModel:
-    """The tiny model plus a `generate_batch` that records its calls (a stand-in for the fast path)."""
+class ListBatchOnly:
+    """The tiny model seen through `generate_batch(prepared_list, options_list)` only (no batch stream)."""
 
     def __init__(self, model):
         self._model = model
         self.batch_sizes = []
 
     def __getattr__(self, name):
+        if name == "generate_batch_stream":
+            raise AttributeError(name)
         return getattr(self._model, name)
 
-    def generate_batch(self, prepared_list, options):
+    def generate_batch(self, prepared_list, options_list):
         self.batch_sizes.append(len(prepared_list))
-        return [self._model.generate(p, options) for p in prepared_list]
+        if hasattr(self._model, "generate_batch"):
+            return self._model.generate_batch(prepared_list, options_list)
+        return [self._model.generate(p, o) for p, o in zip(prepared_list, options_list)]
 
 
-def test_queued_non_streamed_requests_are_batched(tiny_model):
-    model = BatchingModel(tiny_model)
+@pytest.mark.parametrize("api", ["generate_batch_stream", "generate_batch"])
+def test_queued_non_streamed_requests_are_batched(tiny_model, api):
+    if api == "generate_batch_stream" and not hasattr(tiny_model, api):
+        pytest.skip("this engine has no batched generation")
+    model = tiny_model if api == "generate_batch_stream" else ListBatchOnly(tiny_model)
     with RunningServer(model, ServerSettings(max_queue=8, default_num_crops=1)) as srv:
         srv.model_id = srv.health()["model"]
         client = srv.client()
@@ -240,15 +247,20 @@ def test_queued_non_streamed_requests_are_batched(tiny_model):
                                                  max_tokens=20_000, stream=True)
         it = iter(blocker)
         next(it), next(it)  # the engine is busy: what comes now waits in the queue together
+        lengths = (4, 3, 2)  # different options in one batch
         with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(client.chat.completions.create, **small_request(srv.model_id, i)) for i in range(3)]
+            futures = [pool.submit(client.chat.completions.create, **small_request(srv.model_id, i, n))
+                       for i, n in enumerate(lengths)]
             srv.wait_health(lambda h: h["queue"]["waiting"] == 3)
             blocker.close()
-            answers = [f.result(timeout=60).choices[0].message.content for f in futures]
-        assert model.batch_sizes == [3]
-        for i, text in enumerate(answers):
+            answers = [f.result(timeout=60) for f in futures]
+        health = srv.wait_health(lambda h: h["queue"]["running"] == 0)
+        assert health["queue"]["batches"] == 1 and health["queue"]["served"] == 3
+        if api == "generate_batch":
+            assert model.batch_sizes == [3]
+        for i, (n, answer) in enumerate(zip(lengths, answers)):
             ref = tiny_model.chat([{"role": "user", "content": [{"type": "image", "image": IMG},
                                     {"type": "text", "text": f"Question {i}: what is this?"}]}],
-                                  max_new_tokens=4, num_crops=1)
-            assert text == ref.text
-        assert srv.health()["queue"]["batches"] == 1
+                                  max_new_tokens=n, num_crops=1)
+            assert answer.choices[0].message.content == ref.text
+            assert answer.usage.completion_tokens == ref.usage.completion_tokens == n

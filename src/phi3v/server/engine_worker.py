@@ -27,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger("phi3v.server")
 
-MAX_BATCH = 8  # non-streaming jobs handed to model.generate_batch at once
+MAX_BATCH = 8  # non-streaming jobs handed to model.generate_batch(_stream) at once
 
 
 class QueueFullError(Exception):
@@ -153,11 +153,12 @@ class EngineWorker:
             first = self._waiting.popleft()
             jobs = [first]
             if not first.stream and self.max_batch > 1 and hasattr(self.model, "generate_batch"):
-                # Same options only: generate_batch takes one GenerationOptions for the batch.
+                # Streaming jobs stay out of batches: a batch cannot stop one row when its client
+                # hangs up, and a streamed answer must stop then.
                 for job in list(self._waiting):
                     if len(jobs) >= self.max_batch:
                         break
-                    if not job.stream and not job.cancelled and job.options == first.options:
+                    if not job.stream and not job.cancelled:
                         self._waiting.remove(job)
                         jobs.append(job)
             self._running = jobs
@@ -213,18 +214,32 @@ class EngineWorker:
         self._finish(job, "served", completion)
 
     def _run_batch(self, jobs: list[GenerationJob]) -> None:
+        """Several non-streaming jobs in one batched generation (model.generate_batch[_stream])."""
         with self._cond:
             self.stats.batches += 1
+        prepared, options = [j.prepared for j in jobs], [j.options for j in jobs]
         try:
-            completions = self.model.generate_batch([j.prepared for j in jobs], jobs[0].options)
+            batch_stream = getattr(self.model, "generate_batch_stream", None)
+            if batch_stream is not None:
+                stream = batch_stream(prepared, options)
+                for _row, _delta in stream:  # (row, text delta); only to notice hang-ups between steps
+                    if all(j.cancelled for j in jobs):
+                        stream.close()
+                        break
+                completions = list(stream.completions)
+            else:
+                completions = list(self.model.generate_batch(prepared, options))
         except Exception as err:
             log.exception("batched generation failed")
             for job in jobs:
                 self._finish(job, "failed", err)
             return
+        finally:
+            prepared = None
         for job, completion in zip(jobs, completions):
             job.prepared = None
-            self._finish(job, "cancelled" if job.cancelled else "served", completion)
+            done = completion is not None and completion.finish_reason != "cancelled" and not job.cancelled
+            self._finish(job, "served" if done else "cancelled", completion)
 
     def _finish(self, job: GenerationJob, outcome: str, payload: Any = None) -> None:
         with self._cond:
