@@ -258,6 +258,31 @@ def test_info_estimates_an_uncached_hub_model_offline(cli_env):
     assert model["weights_bytes"] == 8_293_242_880  # = the real index's total_size
 
 
+def test_info_reads_an_image_from_an_http_url(cli_env, images):
+    """http(s) image arguments, served here from 127.0.0.1 (no outside network)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in cli_env.items() if "proxy" not in k.lower()}
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        code, out, err = run_cli(env, "info", f"{base}/b.jpg", "--json")
+        assert code == 0, err
+        entry = json.loads(out)["images"][0]
+        assert (entry["image"], entry["width"], entry["height"]) == (f"{base}/b.jpg", 30, 40)
+        code, out, err = run_cli(env, "info", f"{base}/absent.png")
+        assert code == 1
+        assert_one_error_line(err, "absent.png", "404")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_download_prints_the_folder_or_fails_offline(cli_env, tiny_model_dir):
     code, out, err = run_cli(cli_env, "download", tiny_model_dir)
     assert code == 0, err
@@ -321,5 +346,5 @@ def test_error_cuda_without_cuda(cli_env, images):
 
 
 def test_verbose_shows_the_traceback(cli_env, images):
-    code, _, err = run_cli(cli_env, "describe", images / "notes.png", "--verbose")
+    code, _, err = run_cli(cli_env, "describe", images / "missing.png", "--verbose")
     assert code == 1 and "Traceback" in err and "phi3v: error:" in err

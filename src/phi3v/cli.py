@@ -158,14 +158,22 @@ def options_from_args(args):
 
 
 def load_model_from_args(args):
-    """phi3v.load with the common options; the seconds it took are left in `args.load_s`."""
+    """phi3v.load with the common options; the seconds loading took are left in `args.load_s`.
+
+    The model is first resolved to a folder (a hub download shows huggingface_hub's progress
+    bars), then loaded under a spinner with the elapsed time; the second resolution inside
+    phi3v.load is a cache hit. Bars and spinner only for a person watching a terminal.
+    """
     import phi3v
+    from .checkpoint import resolve_model_dir
 
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    # Progress bars only for a person watching a terminal: in logs they are noise.
-    progress = not getattr(args, "quiet", False) and is_tty(sys.stderr)
+    show = not getattr(args, "quiet", False) and is_tty(sys.stderr)
+    revision = getattr(args, "revision", None)
+    resolve_model_dir(args.model, progress=show, revision=revision)
     start = time.perf_counter()
-    model = phi3v.load(args.model, device=args.device, dtype=dtype, progress=progress)
+    with Spinner(f"loading {args.model}", enabled=show):
+        model = phi3v.load(args.model, device=args.device, dtype=dtype, progress=show, revision=revision)
     args.load_s = time.perf_counter() - start
     if getattr(args, "verbose", False):
         note(f"loaded {model.name} on {model.device} ({_dtype_name(model.dtype)}) in {args.load_s:.2f}s")
