@@ -310,7 +310,7 @@ def _record_from(item, n: int) -> Record:
 
 def run_batch(input, model=None, *, task: str | None = None, prompt: str | None = None,
               fmt: str | None = None, system: str | None = None, out=None,
-              retry_errors: bool = False, batch_size: int = 1,
+              retry_errors: bool = False, batch_size: int = 4,
               workers: int = 2, image_policy=None, progress: bool = False, device: str = "auto",
               dtype=None, ray=None, ray_actors: int | None = None,
               ray_cpus_per_actor: float = 1.0, **options) -> BatchJob:

@@ -136,8 +136,11 @@ def ray_runner(model, *, address: str | None, device: str = "auto", dtype=None,
             actor_device, per_actor, count = _placement(ray, device, num_actors,
                                                         cpus_per_actor, n_blocks)
             threads = max(1, int(per_actor.get("num_cpus", 1)))
-            ds = ray.data.from_items([{"job": json.dumps(j.to_dict())} for j in pending],
-                                     override_num_blocks=n_blocks)
+            items = [{"job": json.dumps(j.to_dict())} for j in pending]
+            try:  # about one block per actor call, so results stream back as they finish
+                ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+            except TypeError:  # Ray < 2.10 names it `parallelism`
+                ds = ray.data.from_items(items, parallelism=n_blocks)
             ds = ds.map_batches(
                 ModelActor,
                 fn_constructor_kwargs={
