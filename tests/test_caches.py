@@ -97,6 +97,26 @@ def test_image_cache_key_includes_num_crops_and_pixels(tiny_model_dir):
     assert k1 == image_keys(p1.images.pixel_values.clone(), p1.images.image_sizes)
 
 
+def test_pixel_cache_reuses_preprocessing_with_equal_pixels(tiny_model_dir, monkeypatch):
+    import phi3v.api
+    from phi3v.image import open_image, preprocess
+
+    model = load(tiny_model_dir)
+    runs = []
+    monkeypatch.setattr(phi3v.api, "preprocess", lambda *a, **kw: runs.append(1) or preprocess(*a, **kw))
+    a, b = picture(11, 200, 420), picture(12)
+    first = model.prepare(prompt="Compare.", images=[a, b])
+    second = model.prepare(prompt="Compare again.", images=[b.copy(), a.copy()])
+    assert len(runs) == 2, "each image is preprocessed once"
+    fresh = preprocess([open_image(b), open_image(a)], model.default_num_crops)
+    assert torch.equal(second.images.pixel_values, fresh.pixel_values)
+    assert torch.equal(second.images.image_sizes, fresh.image_sizes)
+    assert second.images.num_img_tokens == fresh.num_img_tokens
+    assert second.image_keys == first.image_keys[::-1]
+    model.prepare(prompt="x", images=[a], num_crops=1)
+    assert len(runs) == 3, "another num_crops is another entry"
+
+
 def test_feature_cache_is_a_byte_bounded_lru():
     cache = ImageFeatureCache(max_bytes=3 * 400)  # room for three (10, 10) float32 tensors
     t = {k: torch.full((10, 10), float(i)) for i, k in enumerate("abcd")}

@@ -22,7 +22,7 @@ from .config import Phi3VConfig
 from .decoder import LongRoPE
 from .errors import DeviceError, Phi3VError, PromptTooLongError, TooManyImagesError
 from .batched import BatchRow, BatchStream
-from .feature_cache import ImageFeatureCache, image_keys
+from .feature_cache import ImageFeatureCache, decoded_image_key, image_keys
 from .generate import GenerationState, TextAssembler, generate_ids
 from .image import ImageBatch, ImageSourcePolicy, open_image, preprocess
 from .model import Phi3VForCausalLM
@@ -129,8 +129,11 @@ class Phi3V:
         self.image_policy = image_policy or ImageSourcePolicy()
         self.context_length = min(max_context or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings)
         self.stop_ids = frozenset(cfg.stop_token_ids) | tokenizer.stop_ids
-        # Caches (see clear_caches): image features by content, and the last conversation's KV cache.
-        self.image_cache = ImageFeatureCache(int(image_cache_mb * 2**20))
+        # Caches (see clear_caches): preprocessed pixels (1/4 of the budget) and projected features
+        # (3/4) by image content, and the last conversation's KV cache.
+        budget = int(image_cache_mb * 2**20)
+        self.pixel_cache = ImageFeatureCache(budget // 4)
+        self.image_cache = ImageFeatureCache(budget - budget // 4)
         self.prefix_cache = bool(prefix_cache)
         self._retained: RetainedConversation | None = None
         self._retained_lock = threading.Lock()
@@ -143,7 +146,7 @@ class Phi3V:
              quantize: str | None = None) -> "Phi3V":
         """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS).
 
-        image_cache_mb: byte budget of the image-feature cache (0 = off). prefix_cache: keep the
+        image_cache_mb: byte budget of the image caches (preprocessed pixels and features; 0 = off). prefix_cache: keep the
         last conversation's KV cache so a follow-up that extends it prefills only the new tokens.
         quantize: None | "int8" | "int4" (| "int4:GROUP") quantizes the decoder's linear layers while
         loading (phi3v.quantize); a checkpoint written by `phi3v quantize` loads quantized as it is.
@@ -225,13 +228,12 @@ class Phi3V:
             raise TooManyImagesError(f"{len(sources)} images given, at most {max_images} allowed")
         chat_format.check_image_tags(prompt_text, len(sources))
         policy = image_policy or self.image_policy
-        batch = None
+        batch, keys = None, None
         if sources:
-            pil = [open_image(s, policy) for s in sources]
-            pre = self.config.preprocessor
-            batch = preprocess(pil, num_crops or pre.num_crops, pre.image_mean, pre.image_std)
+            batch, keys = self._preprocess([open_image(s, policy) for s in sources],
+                                           num_crops or self.config.preprocessor.num_crops)
         ids = chat_format.build_input_ids(self.tokenizer, prompt_text, batch.num_img_tokens if batch else [])
-        return PreparedPrompt(ids, batch, prompt_text, time.perf_counter() - t0)
+        return PreparedPrompt(ids, batch, prompt_text, time.perf_counter() - t0, keys)
 
     def check_fits(self, prepared: PreparedPrompt, max_new_tokens: int = 1) -> None:
         """Raise PromptTooLongError when the prompt leaves no room for a single new token."""
@@ -295,7 +297,8 @@ class Phi3V:
                            usages, timings, started)
 
     def clear_caches(self) -> None:
-        """Free the image-feature cache and the retained conversation's KV cache."""
+        """Free the image caches and the retained conversation's KV cache."""
+        self.pixel_cache.clear()
         self.image_cache.clear()
         with self._retained_lock:
             self._retained = None
@@ -322,6 +325,26 @@ class Phi3V:
     def _encode_images(self, pixel_values, image_sizes) -> list[torch.Tensor]:
         with torch.inference_mode():
             return self.module.model.vision_embed_tokens(pixel_values.to(self.device), image_sizes)
+
+    def _preprocess(self, images: list, num_crops: int) -> tuple[ImageBatch, list[str]]:
+        """preprocess() with the pixel cache -> (ImageBatch, content key per image). An image whose
+        decoded pixels were seen before (same num_crops) reuses its pixel_values and feature key,
+        which skips the HD transform and hashing the crops. Cached tensors are shared: read-only."""
+        pre = self.config.preprocessor
+        entries = []  # (pixel_values (num_crops+1, 3, 336, 336), image_size (2,), tokens, feature key)
+        for image in images:
+            source_key = decoded_image_key(image, num_crops)
+            entry = self.pixel_cache.get(source_key) if self.pixel_cache.max_bytes > 0 else None
+            if entry is None:
+                one = preprocess([image], num_crops, pre.image_mean, pre.image_std)
+                key = image_keys(one.pixel_values, one.image_sizes)[0]
+                entry = (one.pixel_values[0], one.image_sizes[0], one.num_img_tokens[0], key)
+                pixels = one.pixel_values
+                self.pixel_cache.put(source_key, entry, nbytes=pixels.numel() * pixels.element_size())
+            entries.append(entry)
+        pixel_values = entries[0][0][None] if len(entries) == 1 else torch.stack([e[0] for e in entries])
+        batch = ImageBatch(pixel_values, torch.stack([e[1] for e in entries]), [e[2] for e in entries])
+        return batch, [e[3] for e in entries]
 
     def _image_features(self, prepared: list[PreparedPrompt]) -> list[list[torch.Tensor]]:
         """Each prompt's image features (image k at index k-1), from the feature cache where the

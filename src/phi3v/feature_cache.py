@@ -1,8 +1,9 @@
-"""Image-feature cache: projected image features keyed by the image's pixels and num_crops.
+"""Image caches keyed by content: a follow-up question about the same picture (same chat, or the
+same file sent again) skips the HD transform and the CLIP tower.
 
-A follow-up question about the same picture (same chat, or the same file sent again) then skips
-the CLIP tower and the projector. Entries are evicted least-recently-used once their total size
-passes a byte budget.
+Two keys, both sha256: `decoded_image_key` (the decoded RGB pixels + num_crops) finds an image's
+preprocessed pixel_values; `image_keys` (the pixel_values CLIP sees) finds its projected features.
+`ImageFeatureCache` is the byte-bounded LRU that holds either.
 """
 
 from __future__ import annotations
@@ -12,6 +13,17 @@ import threading
 from collections import OrderedDict
 
 import torch
+
+
+def decoded_image_key(image, num_crops: int) -> str:
+    """Key of a decoded PIL image for the preprocessing cache: its RGB bytes as preprocess sees
+    them (image.to_rgb: same conversion, EXIF orientation already applied by open_image)."""
+    from .image import to_rgb
+
+    rgb = to_rgb(image)
+    digest = hashlib.sha256(f"{int(num_crops)}:{rgb.width}x{rgb.height}|".encode())
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
 
 
 def image_keys(pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[str]:
@@ -31,7 +43,8 @@ def image_keys(pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[st
 
 
 class ImageFeatureCache:
-    """LRU map key -> features (T, hidden) tensor on the model's device, bounded by bytes.
+    """LRU map key -> value (features (T, hidden) on the model's device, or any value with its
+    size given to put), bounded by bytes.
 
     `max_bytes` 0 disables it. A single entry larger than the budget is not kept. The lock makes
     each get/put atomic; generation itself is still one at a time per model.
@@ -39,15 +52,11 @@ class ImageFeatureCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max(0, int(max_bytes))
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (value, bytes)
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-
-    @staticmethod
-    def _size(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -56,29 +65,30 @@ class ImageFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str):
         with self._lock:
-            feats = self._entries.get(key)
-            if feats is None:
+            entry = self._entries.get(key)
+            if entry is None:
                 self.misses += 1
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
-            return feats
+            return entry[0]
 
-    def put(self, key: str, feats: torch.Tensor) -> None:
-        size = self._size(feats)
+    def put(self, key: str, value, nbytes: int | None = None) -> None:
+        """nbytes defaults to the size of `value` as a tensor."""
+        size = int(nbytes) if nbytes is not None else value.numel() * value.element_size()
         if size > self.max_bytes:
             return
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= self._size(old)
-            self._entries[key] = feats
+                self._bytes -= old[1]
+            self._entries[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= self._size(evicted)
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._bytes -= evicted
 
     def clear(self) -> None:
         with self._lock:
