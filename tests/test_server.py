@@ -330,3 +330,53 @@ def test_engine_failure_is_500_without_traceback_and_server_survives(server, cli
 def test_unknown_route_is_404_in_openai_shape(server):
     r = httpx.get(server.base_url + "/v1/nothing-here", timeout=10)
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_remote_images_only_when_allowed(tiny_model, model_id):
+    """--allow-remote-images: http URLs are fetched (here from a loopback file server) with a size cap."""
+    import functools
+    import http.server
+    import threading
+
+    small, big = png_bytes(8, 8, seed=7), png_bytes(64, 64, seed=8)
+    files = {"/small.png": small, "/big.png": big}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    settings = ServerSettings(allow_remote_images=True, remote_max_bytes=2000, remote_timeout_s=5, default_num_crops=1)
+    assert len(small) < 2000 < len(big)
+    try:
+        with RunningServer(tiny_model, settings) as srv:
+            client = srv.client()
+
+            def ask(url):
+                return client.chat.completions.create(model=model_id, max_tokens=4, messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "What is it?"}]}])
+
+            r = ask(base + "/small.png")
+            ref = tiny_model.chat([{"role": "user", "content": [{"type": "image", "image": small},
+                                                                {"type": "text", "text": "What is it?"}]}],
+                                  max_new_tokens=4, num_crops=1)
+            assert r.choices[0].message.content == ref.text
+            for path in ("/big.png", "/missing.png"):  # over the size cap; a 404 upstream
+                with pytest.raises(openai.BadRequestError) as e:
+                    ask(base + path)
+                assert e.value.body["code"] == "invalid_image"
+            with pytest.raises(openai.BadRequestError):  # still never a local file
+                ask("file:///etc/hostname")
+    finally:
+        httpd.shutdown()

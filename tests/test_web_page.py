@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -50,9 +51,36 @@ def browser():
         b.close()
 
 
+class PacedStream:
+    """A TextStream that hands out its pieces 40 ms apart, the pace of a real model on a GPU, so the
+    browser gets (and paints) them one by one instead of in one network read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __iter__(self):
+        for delta in self._stream:
+            time.sleep(0.04)
+            yield delta
+
+    def __getattr__(self, name):  # completion, close
+        return getattr(self._stream, name)
+
+
+class PacedModel:
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate_stream(self, prepared, options):
+        return PacedStream(self._model.generate_stream(prepared, options))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    with RunningServer(tiny_model, ServerSettings(default_num_crops=2)) as srv:
+    with RunningServer(PacedModel(tiny_model), ServerSettings(default_num_crops=2)) as srv:
         yield srv
 
 
