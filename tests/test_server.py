@@ -334,7 +334,6 @@ def test_unknown_route_is_404_in_openai_shape(server):
 
 def test_remote_images_only_when_allowed(tiny_model, model_id):
     """--allow-remote-images: http URLs are fetched (here from a loopback file server) with a size cap."""
-    import functools
     import http.server
     import threading
 
