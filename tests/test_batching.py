@@ -173,3 +173,16 @@ def test_bad_batches_are_rejected(model):
     small = load(model.model_dir, image_cache_mb=0, prefix_cache=False, max_context=8)
     with pytest.raises(PromptTooLongError):
         small.generate_batch([small.prepare(prompt="Hi"), small.prepare(prompt="word " * 20)])
+
+
+def test_rows_ending_on_a_stop_id_equal_alone(tiny_model_dir):
+    """Random weights rarely produce <|end|>: make a token that row 1 produces a stop id."""
+    m = load(tiny_model_dir, image_cache_mb=0, prefix_cache=False)
+    prepared = [m.prepare(prompt="Alpha beta"), m.prepare(prompt="Gamma", images=[picture(10)]),
+                m.prepare(prompt="Delta epsilon zeta eta")]
+    options = Opts(max_new_tokens=10)
+    probe = m.generate(prepared[1], options).token_ids
+    m.stop_ids = m.stop_ids | {probe[3]}
+    single = alone(m, prepared, [options] * 3)
+    assert single[1].finish_reason == "stop" and single[1].token_ids[-1] == probe[3]
+    assert_same(m.generate_batch(prepared, options), single)
