@@ -248,6 +248,26 @@ def test_info_counts_tokens_and_parameters_from_the_folder(cli_env, images, tiny
     assert code == 0 and "336×336" in out and "2509  ← chosen" in out  # spec §3.1: 4×4 grid
 
 
+def test_info_reads_every_supported_format_with_exif_orientation(cli_env, tmp_path):
+    """PNG, JPEG (EXIF orientation 6 = rotated 90°), GIF (first frame of two), WebP, BMP, TIFF."""
+    from PIL import Image
+
+    base = Image.new("RGB", (60, 20), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    base.save(tmp_path / "rotated.jpg", exif=exif)
+    frames = [base, Image.new("RGB", (60, 20), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    for ext in ("png", "webp", "bmp", "tiff"):
+        base.save(tmp_path / f"plain.{ext}")
+    names = ["plain.png", "rotated.jpg", "anim.gif", "plain.webp", "plain.bmp", "plain.tiff"]
+    code, out, err = run_cli(cli_env, "info", *names, "--json", cwd=tmp_path)
+    assert code == 0, err
+    got = {e["image"]: (e["format"], e["width"], e["height"]) for e in json.loads(out)["images"]}
+    assert got == {"plain.png": ("PNG", 60, 20), "rotated.jpg": ("JPEG", 20, 60), "anim.gif": ("GIF", 60, 20),
+                   "plain.webp": ("WEBP", 60, 20), "plain.bmp": ("BMP", 60, 20), "plain.tiff": ("TIFF", 60, 20)}
+
+
 def test_info_estimates_an_uncached_hub_model_offline(cli_env):
     code, out, err = run_cli(cli_env, "info", "--model", "microsoft/Phi-3.5-vision-instruct",
                              "--dtype", "bfloat16", "--json")
@@ -348,3 +368,37 @@ def test_error_cuda_without_cuda(cli_env, images):
 def test_verbose_shows_the_traceback(cli_env, images):
     code, _, err = run_cli(cli_env, "describe", images / "missing.png", "--verbose")
     assert code == 1 and "Traceback" in err and "phi3v: error:" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the plugin mechanism other modules use to add subcommands (in-process: no model involved)
+
+
+def test_plugins_register_subcommands_and_broken_ones_only_warn(tmp_path, monkeypatch, capsys):
+    from phi3v import cli
+
+    (tmp_path / "cli_test_plugin_ok.py").write_text(
+        "def register(subparsers, common):\n"
+        "    p = subparsers.add_parser('hello', parents=[common])\n"
+        "    p.add_argument('--fail', action='store_true')\n"
+        "    p.set_defaults(func=run)\n"
+        "def run(args):\n"
+        "    if args.fail:\n"
+        "        from phi3v.errors import ImageError\n"
+        "        raise ImageError('bad picture')\n"
+        "    print('hello', args.model, args.num_crops)\n"
+        "    return 3\n")
+    (tmp_path / "cli_test_plugin_broken.py").write_text("import not_a_real_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("cli_test_plugin_ok", "cli_test_plugin_missing",
+                                                "cli_test_plugin_broken", "phi3v.no_such_package.cli"))
+    assert cli.main(["hello", "--model", "m", "--num-crops", "4"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "hello m 4\n"
+    # a missing plugin is silent; one that fails to import names itself and its error, once
+    assert err.count("warning") == 1 and "cli_test_plugin_broken" in err and "not_a_real_dependency_xyz" in err
+    assert "cli_test_plugin_missing" not in err and "no_such_package" not in err
+
+    assert cli.main(["hello", "--fail"]) == 1  # a Phi3VError from a plugin: one line and a hint
+    _, err = capsys.readouterr()
+    assert "phi3v: error: bad picture" in err and "hint:" in err and "Traceback" not in err

@@ -282,12 +282,13 @@ def stream_answer(model, source, options, images, args):
 
     While the image is encoded and the prompt prefilled a spinner turns on stderr (terminal
     only); deltas go to stdout unless --json / --no-stream. Returns the Completion.
-    Ctrl-C stops generation; a partial answer is kept (finish_reason "cancelled").
+    Ctrl-C closes the stream (generation stops at once), ends the partial answer's line and
+    lets the KeyboardInterrupt propagate (exit 130; chat drops that question).
     """
     printing = not (getattr(args, "json", False) or getattr(args, "no_stream", False))
     pil_images = [im.image for im in images] if isinstance(source, str) else None
     spinner = Spinner("encoding and prefilling" if printing else "generating",
-                      enabled=not args.quiet)
+                      enabled=not getattr(args, "quiet", False))
     stream = None
     text = []
     try:

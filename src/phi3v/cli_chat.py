@@ -134,7 +134,7 @@ def run_chat(args, model, options, stream_answer) -> int:
             continue
         try:
             completion = stream_answer(model, session.messages(line), options, session.all_images(), args)
-        except KeyboardInterrupt:  # interrupted before any text: nothing to keep
+        except KeyboardInterrupt:  # the answer was stopped: the question is not kept
             print(file=sys.stderr)
             continue
         except Phi3VError as err:
