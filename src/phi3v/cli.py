@@ -42,10 +42,26 @@ import sys
 import time
 
 from . import tasks as _tasks
-from .cli_output import (Spinner, finish_answer, format_timings, is_tty, note, print_error,
-                         print_json, write_answer_delta)
-from .errors import (CheckpointError, DeviceError, ImageError, ModelNotFoundError, Phi3VError,
-                     PromptError, PromptTooLongError, TooManyImagesError)
+from .cli_output import (
+    Spinner,
+    finish_answer,
+    format_timings,
+    is_tty,
+    note,
+    print_error,
+    print_json,
+    write_answer_delta,
+)
+from .errors import (
+    CheckpointError,
+    DeviceError,
+    ImageError,
+    ModelNotFoundError,
+    Phi3VError,
+    PromptError,
+    PromptTooLongError,
+    TooManyImagesError,
+)
 
 PLUGIN_MODULES = ("phi3v.server.cli", "phi3v.batch_cli", "phi3v.quantize_cli", "phi3v.bench_cli")
 MODEL_ENV = "PHI3V_MODEL"
@@ -165,6 +181,7 @@ def load_model_from_args(args):
     phi3v.load is a cache hit. Bars and spinner only for a person watching a terminal.
     """
     import phi3v
+
     from .checkpoint import resolve_model_dir
 
     dtype = None if args.dtype in (None, "auto") else args.dtype
@@ -563,7 +580,7 @@ def _check_usage(args) -> None:
     if not isinstance(args.images, list):  # nargs="?" gives one string or None
         args.images = [] if args.images is None else [args.images]
     if args.command in ("describe", "ocr", "table") and not args.images and not args.show_prompt:
-        parser.error(f"an IMAGE is required (a path, - for stdin, or a URL)")
+        parser.error("an IMAGE is required (a path, - for stdin, or a URL)")
     if args.command == "compare" and len(args.images) < 2 and not args.show_prompt:
         parser.error(f"compare needs at least two images, got {len(args.images)}")
     if args.command == "ask" and not args.prompt.strip():

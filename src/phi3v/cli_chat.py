@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .cli_images import CliImage, is_url, open_cli_image
-from .cli_output import finish_answer, format_timings, is_tty, note, print_error, style
+from .cli_output import format_timings, is_tty, note, print_error, style
 from .errors import ImageError, Phi3VError
 
 HELP = """commands:
@@ -100,7 +100,8 @@ def _read_line(prompt: str, interactive: bool) -> str:
 
 def run_chat(args, model, options, stream_answer) -> int:
     """The read-answer loop. `stream_answer(model, source, options, images, args)` streams one answer."""
-    from .cli import hint_for  # cli imports this module lazily; no import cycle at load time
+    # cli imports this module lazily, so importing it here makes no import cycle
+    from .cli import hint_for
 
     interactive = is_tty(sys.stdin)
     if interactive:

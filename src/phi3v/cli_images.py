@@ -9,8 +9,8 @@ animation and enforces the URL timeout and size cap of the policy.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ImageError
 
@@ -74,7 +74,8 @@ def open_cli_image(source: str, stdin_bytes: bytes | None = None) -> CliImage:
         if not is_url(source):
             _check_local_file(source)
             payload = Path(source).expanduser()  # a Path: never mistaken for base64 text
-    from .image import open_image  # after the cheap checks: a wrong path fails before torch loads
+    # imported after the cheap checks: a wrong path fails before torch loads
+    from .image import open_image
 
     try:
         image = open_image(payload, cli_policy())
