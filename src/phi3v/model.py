@@ -18,7 +18,8 @@ class Phi3VBackbone(nn.Module):
     def __init__(self, cfg: Phi3VConfig):
         super().__init__()
         t = cfg.text
-        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        # _weight skips the random init (slow for a large table; the checkpoint overwrites it anyway).
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size, _weight=torch.empty(t.vocab_size, t.hidden_size))
         self.vision_embed_tokens = ImageEmbedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
