@@ -111,9 +111,7 @@ def test_stream_yields_row_deltas_and_close_cancels(model):
     assert stream.completions[0].timings.first_token_s > 0 and stream.completions[1].timings.decode_s > 0
 
     stream = model.generate_batch_stream(prepared, options)
-    seen = 0
-    for row, delta in stream:
-        seen += 1
+    for seen, _ in enumerate(stream, start=1):
         if seen == 10:
             break
     stream.close()
@@ -158,7 +156,7 @@ def test_row_crossing_the_long_rope_boundary_equals_alone(tmp_path, style):
         want = []
         state = GenerationState(row.prompt_ids, row.image_embeds, m.module.new_cache())
         list(generate_ids(m.module, state, options, frozenset(), m.config.rope_switch,
-                          logits_hook=lambda k, lg: want.append(lg)))
+                          logits_hook=lambda k, lg, out=want: out.append(lg)))
         want = torch.stack(want)
         have = torch.stack([got[(r, k)] for k in range(len(want))])
         assert (have - want).abs().max() < 1e-4 * want.abs().max(), f"row {r}"

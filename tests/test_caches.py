@@ -16,7 +16,7 @@ from phi3v.feature_cache import ImageFeatureCache, image_keys
 from phi3v.generate import GenerationState, generate_ids
 from phi3v.prefix_cache import RetainedConversation, reusable_prefix
 
-GREEDY = dict(max_new_tokens=12)
+GREEDY = {"max_new_tokens": 12}
 
 
 def load(model_dir, **kw):
@@ -173,10 +173,10 @@ def test_reused_prefix_logits_match_a_cold_prefill(cached):
     for name, cache, start in (("warm", retained.cache, reuse), ("cold", cached.module.new_cache(), 0)):
         if name == "warm":
             cache.truncate(start)
-        logits = []
+        logits: list[torch.Tensor] = []
         state = GenerationState(torch.tensor(prepared.input_ids), feats, cache)
         ids = list(generate_ids(cached.module, state, phi3v.GenerationOptions(max_new_tokens=8), frozenset(),
-                                reuse_prefix=start, logits_hook=lambda k, lg: logits.append(lg)))
+                                reuse_prefix=start, logits_hook=lambda k, lg, out=logits: out.append(lg)))
         runs[name] = (ids, torch.stack(logits))
     assert runs["warm"][0] == runs["cold"][0]
     scale = runs["cold"][1].abs().max()

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from . import chat as chat_format
+from .batched import BatchRow, BatchStream
 from .checkpoint import load_weights, resolve_model_dir
 from .config import Phi3VConfig
 from .decoder import LongRoPE
 from .errors import DeviceError, Phi3VError, PromptTooLongError, TooManyImagesError
-from .batched import BatchRow, BatchStream
 from .feature_cache import ImageFeatureCache, decoded_image_key, image_keys
 from .generate import GenerationState, TextAssembler, generate_ids
 from .image import ImageBatch, ImageSourcePolicy, open_image, preprocess
@@ -86,7 +87,7 @@ class TextStream:
     """Iterator of text deltas for one generation. `completion` is set when it ends;
     `close()` stops it early (finish_reason "cancelled")."""
 
-    def __init__(self, model: "Phi3V", prepared: PreparedPrompt, options: GenerationOptions):
+    def __init__(self, model: Phi3V, prepared: PreparedPrompt, options: GenerationOptions):
         self.completion: Completion | None = None
         self._usage = Usage(prompt_tokens=prepared.num_tokens, image_tokens=prepared.image_tokens)
         self._timings = Timings(preprocess_s=prepared.preprocess_s)
@@ -143,7 +144,7 @@ class Phi3V:
     def load(cls, model: str | Path, *, device: str | torch.device = "auto", dtype=None, progress: bool = True,
              revision: str | None = None, image_policy: ImageSourcePolicy | None = None,
              max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True,
-             quantize: str | None = None) -> "Phi3V":
+             quantize: str | None = None) -> Phi3V:
         """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS).
 
         image_cache_mb: byte budget of the image caches (preprocessed pixels and features; 0 = off). prefix_cache: keep the
