@@ -1,0 +1,127 @@
+"""Turn the workers' samples into medians (min-max), ratios vs transformers, goal checks, a table.
+
+Ratios are "how many times better phi3v is": transformers / phi3v for seconds (`*_s`),
+phi3v / transformers for rates (`*_tok_s`).  The baseline is the transformers bf16 variant.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+BASELINE = "transformers-bf16"
+
+
+def summary(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def ratio(metric: str, ours: float, base: float) -> float | None:
+    if not ours or not base:
+        return None
+    return ours / base if metric.endswith("_tok_s") else base / ours
+
+
+def decode_bytes_per_token(weights: dict) -> dict[str, float]:
+    """Bytes a decode step must read per variant (decoder linears + lm_head + norms), from the
+    parameter counts in `weights` (see runner.weight_counts)."""
+    linear = weights["decoder_linear_params"]
+    other = weights["lm_head_params"] * 2 + weights["norm_params"] * 2
+    return {
+        "bf16": linear * 2 + other,
+        "int8": linear * 1 + weights["decoder_linear_rows"] * 2 + other,  # + one bf16 scale per row
+        "int4": linear * 0.5 + linear / weights["group_size"] * 4 + other,  # + bf16 scale & zero per group
+    }
+
+
+def build_report(results: dict[str, dict], env: dict) -> dict:
+    """results: variant -> worker JSON.  Returns the full report (also what is written as JSON)."""
+    report = {"env": env, "variants": {}, "ratios": {}, "goals": []}
+    for variant, res in results.items():
+        report["variants"][variant] = {
+            "load_s": res["load_s"], "rss_after_load_gib": res["rss_after_load_gib"],
+            "peak_rss_gib": res["peak_rss_gib"],
+            "metrics": {m: summary(v) for m, v in res["metrics"].items()},
+        }
+    base = report["variants"].get(BASELINE)
+    if base:
+        for variant, data in report["variants"].items():
+            if variant == BASELINE:
+                continue
+            report["ratios"][variant] = {
+                m: ratio(m, s["median"], base["metrics"][m]["median"])
+                for m, s in data["metrics"].items() if m in base["metrics"]}
+    report["goals"] = _goals(report, env)
+    return report
+
+
+def _goals(report: dict, env: dict) -> list[dict]:
+    v, r = report["variants"], report["ratios"]
+    goals = []
+
+    def add(name: str, value, target: str, ok) -> None:
+        goals.append({"goal": name, "value": value, "target": target, "met": ok})
+
+    base = v.get(BASELINE, {}).get("metrics", {})
+    short = "decode_short_tok_s"
+    for variant, want in (("phi3v-bf16", 1.4), ("phi3v-int8", 2.5), ("phi3v-int4", 4.0)):
+        x = r.get(variant, {}).get(short)
+        if x is not None:
+            add(f"{variant} decode vs transformers bf16", round(x, 2), f">= {want}x", x >= want)
+    bw = env.get("read_bandwidth_gbs")
+    if bw and "phi3v-int4" in v and short in v["phi3v-int4"]["metrics"]:
+        bound = bw * 1e9 / env["decode_bytes_per_token"]["int4"]
+        got = v["phi3v-int4"]["metrics"][short]["median"]
+        add("phi3v-int4 decode vs its bandwidth bound", f"{got:.2f} of {bound:.2f} tok/s ({got / bound:.0%})",
+            ">= 70%", got / bound >= 0.7)
+    x = r.get("phi3v-bf16", {}).get("ttft_1img_nc16_s")
+    if x is not None:
+        add("phi3v-bf16 TTFT 1 image num_crops 16 vs transformers", round(x, 2), ">= 1.5x", x >= 1.5)
+    wb = env.get("bf16_weight_gib")
+    if wb and "phi3v-bf16" in v:
+        load_rss = v["phi3v-bf16"]["rss_after_load_gib"]
+        add("phi3v-bf16 RSS after load / bf16 weight bytes", round(load_rss / wb, 3), "<= 1.1", load_rss / wb <= 1.1)
+        peak = v["phi3v-bf16"]["peak_rss_gib"]
+        add("phi3v-bf16 peak RSS of the whole run / weight bytes", round(peak / wb, 3), "(info)", None)
+    if "phi3v-int4" in v:
+        peak = v["phi3v-int4"]["peak_rss_gib"]
+        add("phi3v-int4 peak RSS end to end", f"{peak:.2f} GiB", "< 4 GiB", peak < 4.0)
+    return goals
+
+
+def _fmt(s: dict | None) -> str:
+    if s is None:
+        return "-"
+    med = s["median"]
+    digits = 3 if med < 10 else 1
+    if s["n"] == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def markdown_table(report: dict) -> str:
+    variants = list(report["variants"])
+    metrics: list[str] = []
+    for data in report["variants"].values():
+        metrics += [m for m in data["metrics"] if m not in metrics]
+    head = "| metric | " + " | ".join(variants) + " |"
+    lines = [head, "|" + "---|" * (len(variants) + 1)]
+    lines.append("| load s | " + " | ".join(f"{report['variants'][x]['load_s']:.1f}" for x in variants) + " |")
+    lines.append("| RSS after load GiB | " + " | ".join(
+        f"{report['variants'][x]['rss_after_load_gib']:.2f}" for x in variants) + " |")
+    lines.append("| peak RSS GiB | " + " | ".join(f"{report['variants'][x]['peak_rss_gib']:.2f}" for x in variants) + " |")
+    for m in metrics:
+        cells = []
+        for x in variants:
+            s = report["variants"][x]["metrics"].get(m)
+            cell = _fmt(s)
+            rt = report["ratios"].get(x, {}).get(m)
+            if rt is not None:
+                cell += f" **{rt:.2f}x**"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    out = "\n".join(lines)
+    if report["goals"]:
+        out += "\n\n| goal | value | target | met |\n|---|---|---|---|\n"
+        out += "\n".join(f"| {g['goal']} | {g['value']} | {g['target']} | "
+                         f"{'-' if g['met'] is None else ('yes' if g['met'] else 'no')} |" for g in report["goals"])
+    return out

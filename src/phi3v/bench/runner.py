@@ -1,0 +1,169 @@
+"""Prepare the checkpoints, run each variant in its own process (one at a time), report.
+
+Variants: phi3v-bf16, phi3v-int8, phi3v-int4 (quantized checkpoints written once next to the
+data, reused afterwards), phi3v-fp32 (on request: needs ~16 GiB), transformers-bf16 (the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .report import build_report, decode_bytes_per_token, markdown_table
+
+VARIANTS = {  # name -> (engine, dtype, quantization)
+    "phi3v-bf16": ("phi3v", "bfloat16", None),
+    "phi3v-int8": ("phi3v", "bfloat16", "int8"),
+    "phi3v-int4": ("phi3v", "bfloat16", "int4"),
+    "phi3v-fp32": ("phi3v", "float32", None),
+    "transformers-bf16": ("transformers", "bfloat16", None),
+}
+DEFAULT_VARIANTS = ("transformers-bf16", "phi3v-bf16", "phi3v-int8", "phi3v-int4")
+VISION_VARIANTS = ("transformers-bf16", "phi3v-bf16")  # vision tower is bf16 in every phi3v variant
+RANDOM_NAME = "phi3v-full-random"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PHI3V_BENCH_DIR") or Path.home() / ".cache" / "phi3v" / "bench")
+
+
+def ensure_checkpoint(model: str | None, data_dir: Path, log) -> Path:
+    """The given checkpoint (folder or hub id), or a random full-size one made once in data_dir."""
+    if model:
+        from ..checkpoint import resolve_model_dir
+
+        return resolve_model_dir(model)
+    folder = data_dir / RANDOM_NAME
+    if (folder / "config.json").is_file():
+        return folder
+    from ..testing import make_tiny_checkpoint
+
+    log(f"writing a random full-size checkpoint to {folder} (~8.3 GB, once)")
+    partial = data_dir / (RANDOM_NAME + ".partial")
+    make_tiny_checkpoint(partial, sizes="full", shards=2)
+    partial.rename(folder)
+    return folder
+
+
+def ensure_quantized(source: Path, scheme: str, data_dir: Path, log) -> tuple[Path, float | None]:
+    """A quantized copy of `source` in data_dir (written once); returns (folder, seconds it took or None)."""
+    from ..quant_checkpoint import quantize_checkpoint
+
+    folder = data_dir / f"{source.name}-{scheme}"
+    if (folder / "config.json").is_file():
+        return folder, None
+    log(f"writing the {scheme} checkpoint {folder} (once)")
+    start = time.perf_counter()
+    partial = data_dir / f"{source.name}-{scheme}.partial"
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    quantize_checkpoint(source, partial, scheme)
+    partial.rename(folder)
+    return folder, time.perf_counter() - start
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth: sum over a bf16 buffer larger than the caches (median of runs)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum(dtype=torch.float32)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return x.numel() * 2 / times[len(times) // 2] / 1e9
+
+
+def weight_counts(model_dir: Path, group_size: int = 128) -> dict:
+    from ..config import Phi3VConfig
+
+    t = Phi3VConfig.from_dir(model_dir).text
+    qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+    per_layer_rows = qkv + t.hidden_size + 2 * t.intermediate_size + t.hidden_size
+    per_layer = (qkv * t.hidden_size + t.hidden_size * t.num_attention_heads * t.head_dim
+                 + 2 * t.intermediate_size * t.hidden_size + t.hidden_size * t.intermediate_size)
+    return {"decoder_linear_params": per_layer * t.num_hidden_layers,
+            "decoder_linear_rows": per_layer_rows * t.num_hidden_layers,
+            "lm_head_params": t.vocab_size * t.hidden_size,
+            "norm_params": (2 * t.num_hidden_layers + 1) * t.hidden_size, "group_size": group_size}
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run_benchmark(model: str | None = None, *, data_dir: Path | None = None, variants=DEFAULT_VARIANTS,
+                  quick: bool = False, repeats: int | None = None, heavy_repeats: int | None = None,
+                  decode_tokens: int | None = None, threads: int | None = None, vision_all: bool = False,
+                  out_json: Path | None = None, log=print) -> dict:
+    data_dir = Path(data_dir or default_data_dir())
+    data_dir.mkdir(parents=True, exist_ok=True)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        from ..errors import Phi3VError
+
+        raise Phi3VError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    threads = threads or torch.get_num_threads()
+    source = ensure_checkpoint(model, data_dir, log)
+    folders, quantize_s = {}, {}
+    for v in variants:
+        engine, dtype, scheme = VARIANTS[v]
+        folders[v] = source
+        if scheme:
+            folders[v], took = ensure_quantized(source, scheme, data_dir, log)
+            if took is not None:
+                quantize_s[scheme] = took
+
+    counts = weight_counts(source)
+    env = {
+        "checkpoint": str(source), "torch": torch.__version__, "threads": threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick,
+        "bf16_weight_gib": checkpoint_bytes(source) / 2**30,
+        "checkpoint_gib": {v: checkpoint_bytes(folders[v]) / 2**30 for v in variants},
+        "quantize_checkpoint_s": quantize_s, "weights": counts,
+        "decode_bytes_per_token": decode_bytes_per_token(counts),
+        "read_bandwidth_gbs": read_bandwidth_gbs(threads),
+        "command": " ".join(sys.argv),
+    }
+    log(f"memory read bandwidth ~{env['read_bandwidth_gbs']:.1f} GB/s with {threads} threads")
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            engine, dtype, _ = VARIANTS[v]
+            out = Path(tmp) / f"{v}.json"
+            cmd = [sys.executable, "-m", "phi3v.bench.worker", "--engine", engine, "--model", str(folders[v]),
+                   "--dtype", dtype, "--variant", v, "--threads", str(threads), "--out", str(out)]
+            if quick:
+                cmd.append("--quick")
+            for flag, value in (("--repeats", repeats), ("--heavy-repeats", heavy_repeats),
+                                ("--decode-tokens", decode_tokens)):
+                if value is not None:
+                    cmd += [flag, str(value)]
+            if not vision_all and v not in VISION_VARIANTS:
+                cmd.append("--no-vision")
+            log(f"running {v} ...")
+            proc = subprocess.run(cmd, stderr=sys.stderr, stdout=sys.stderr)
+            if proc.returncode != 0 or not out.is_file():
+                log(f"{v} failed (exit {proc.returncode}); continuing")
+                continue
+            results[v] = json.loads(out.read_text(encoding="utf-8"))
+            results[v]["model"] = str(folders[v])
+
+    report = build_report(results, env)
+    report["raw"] = results
+    report["table"] = markdown_table(report)
+    if out_json:
+        Path(out_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report

@@ -1,0 +1,71 @@
+"""One benchmark variant in its own process:
+
+    python -m phi3v.bench.worker --engine phi3v --model DIR --dtype bfloat16 [--quantize int4]
+                                 [--quick] [--no-vision] --out result.json
+
+Writes {"variant", "engine", "load_s", "rss_after_load_gib", "peak_rss_gib", "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from .memory import peak_rss_gib, rss_gib
+from .workloads import Plan, run_plan
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phi3v.bench.worker")
+    p.add_argument("--engine", choices=("phi3v", "transformers"), required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", default=None)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--heavy-repeats", type=int, default=None)
+    p.add_argument("--decode-tokens", type=int, default=None)
+    p.add_argument("--no-vision", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = Plan.quick() if args.quick else Plan()
+    for name in ("repeats", "heavy_repeats", "decode_tokens"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    plan.vision = not args.no_vision
+
+    from .engines import PhiEngine, TransformersEngine
+
+    engine = PhiEngine(args.model, args.dtype, args.quantize) if args.engine == "phi3v" \
+        else TransformersEngine(args.model, args.dtype)
+    rss_before = rss_gib()
+    start = time.perf_counter()
+    engine.load()
+    load_s = time.perf_counter() - start
+    after_load = rss_gib()
+    print(f"[{args.variant}] loaded in {load_s:.2f}s, RSS {after_load:.2f} GiB", file=sys.stderr, flush=True)
+    metrics = run_plan(engine, plan, log=lambda m: print(f"[{args.variant}]{m}", file=sys.stderr, flush=True))
+    result = {
+        "variant": args.variant, "engine": args.engine, "dtype": args.dtype, "quantize": args.quantize,
+        "model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "load_s": load_s, "rss_before_load_gib": rss_before, "rss_after_load_gib": after_load,
+        "peak_rss_gib": peak_rss_gib(), "metrics": metrics, "plan": vars(plan),
+    }
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
