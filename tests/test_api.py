@@ -184,6 +184,8 @@ def test_device_and_model_errors(tiny_model_dir, tmp_path):
         phi3v.load(str(tiny_model_dir), dtype="int3")
     with pytest.raises(phi3v.ModelNotFoundError):
         phi3v.load(str(tmp_path / "nowhere"))
+    with pytest.raises(phi3v.Phi3VError, match="rope_switch"):
+        phi3v.load(str(tiny_model_dir), rope_switch="sometimes")
 
 
 def test_bfloat16_matches_float32_closely(tiny_model_dir, tiny_model):
@@ -210,14 +212,17 @@ def _pv(model, img):
     return p.images.pixel_values, p.images.image_sizes
 
 
-@pytest.mark.parametrize("style, policy", [("phi3v", "mixed"), ("phi35v", "recompute")])
-def test_rope_switch_policy_at_4096(tmp_path, style, policy):
+@pytest.mark.parametrize("style, override, policy", [
+    ("phi3v", None, "mixed"), ("phi35v", None, "recompute"), ("phi3v", "recompute", "recompute"),
+])
+def test_rope_switch_policy_at_4096(tmp_path, style, override, policy):
     """Phi-3-vision keeps a mixed cache past 4096 (cached != uncached once the crossing is
-    processed); Phi-3.5-vision re-prefills with long factors (cached == uncached)."""
+    processed); Phi-3.5-vision re-prefills with long factors (cached == uncached). The default
+    follows the model; load(rope_switch=...) overrides it."""
     from phi3v.testing import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(tmp_path / style, style=style, num_crops=1)
-    model = phi3v.load(str(d), device="cpu", dtype="float32", progress=False)
+    model = phi3v.load(str(d), device="cpu", dtype="float32", progress=False, rope_switch=override)
     assert model.config.family == style and model.config.rope_switch == policy
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(100, 30000, 4090).tolist()  # 4091 tokens
@@ -236,3 +241,17 @@ def test_rope_switch_policy_at_4096(tmp_path, style, policy):
         assert max(diffs) < 1e-3, diffs
     else:
         assert max(diffs[crossing:]) > 1e-2, diffs  # keys cached with short factors now disagree
+
+
+def test_character_cut_by_max_tokens_is_dropped_not_garbled(tiny_model):
+    from phi3v.generate import TextAssembler
+
+    tok = tiny_model.tokenizer
+    euro = [tok.token_to_id(f"<0x{b:02X}>") for b in "€".encode()]  # 3 byte-fallback tokens
+    hello = tok.encode("Hello")[1:]
+    full = TextAssembler(tok, tiny_model.stop_ids, ())
+    text = "".join(full.push(t) for t in hello + euro) + full.flush()
+    assert text == "Hello€"
+    cut = TextAssembler(tok, tiny_model.stop_ids, ())
+    text = "".join(cut.push(t) for t in hello + euro[:2]) + cut.flush()
+    assert text == "Hello" and cut.finish_reason == "length"

@@ -20,7 +20,7 @@ import torch
 from . import chat as chat_format
 from .batched import BatchRow, BatchStream
 from .checkpoint import load_weights, resolve_model_dir
-from .config import Phi3VConfig
+from .config import ROPE_SWITCH_POLICIES, Phi3VConfig
 from .decoder import LongRoPE
 from .errors import DeviceError, Phi3VError, PromptTooLongError, TooManyImagesError
 from .feature_cache import ImageFeatureCache, decoded_image_key, image_keys
@@ -144,8 +144,12 @@ class Phi3V:
     def load(cls, model: str | Path, *, device: str | torch.device = "auto", dtype=None, progress: bool = True,
              revision: str | None = None, image_policy: ImageSourcePolicy | None = None,
              max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True,
-             quantize: str | None = None) -> Phi3V:
+             quantize: str | None = None, rope_switch: str | None = None) -> Phi3V:
         """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS).
+
+        rope_switch: what happens when a generation crosses 4096 tokens (spec §7.4): "mixed"
+        (Phi-3-vision's reference: keep the cache) or "recompute" (Phi-3.5-vision's reference:
+        re-prefill once with the long RoPE factors). None = the reference behaviour of the model.
 
         image_cache_mb: byte budget of the image caches (preprocessed pixels and features; 0 = off). prefix_cache: keep the
         last conversation's KV cache so a follow-up that extends it prefills only the new tokens.
@@ -156,6 +160,10 @@ class Phi3V:
         dt = resolve_dtype(dtype, dev)
         model_dir = resolve_model_dir(str(model), progress=progress, revision=revision)
         cfg = Phi3VConfig.from_dir(model_dir)
+        if rope_switch is not None:
+            if rope_switch not in ROPE_SWITCH_POLICIES:
+                raise Phi3VError(f"rope_switch must be one of {', '.join(ROPE_SWITCH_POLICIES)}, got {rope_switch!r}")
+            cfg.rope_switch = rope_switch
         tokenizer = Tokenizer.from_dir(model_dir)
         if quantize is not None or QUANTIZATION_KEY in cfg.raw:
             from .quant_checkpoint import load_quantized_module

@@ -113,8 +113,9 @@ class TextAssembler:
         return delta
 
     def flush(self) -> str:
-        """End by length: text held back for a stop string that never came is released."""
-        self._raw += self.decoder.flush()
+        """End by length: text held back for a stop string that never came is released. Bytes of a
+        character that max_new_tokens cut off are dropped, not shown as U+FFFD."""
+        self._raw += self.decoder.flush().rstrip("\ufffd")
         delta = self._raw[len(self.text):]
         self.text = self._raw
         self.finish_reason = self.finish_reason or "length"

@@ -54,7 +54,7 @@ class Completion:
     finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens)
     usage: Usage
     timings: Timings
-    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
+    token_ids: list[int] = field(default_factory=list)  # generated ids, a final stop token included
 
     def to_dict(self) -> dict:
         return {
