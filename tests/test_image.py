@@ -286,15 +286,12 @@ def test_mode_conversions():
     bilevel = Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("1")
     assert to_rgb(bilevel).getpixel((0, 0)) == (0, 0, 0) and to_rgb(bilevel).getpixel((1, 0)) == (255, 255, 255)
 
-    # 16-bit grey: full range mapped to 8 bits (PIL's convert("RGB") would clip to white).
-    i16 = Image.fromarray(np.array([[0, 32896, 65535]], np.uint16))
-    assert i16.mode.startswith("I;16")
-    assert [p[0] for p in np.asarray(to_rgb(i16))[0]] == [0, 128, 255]
-
-    as_i = Image.fromarray(np.array([[0, 65535]], np.int32))
-    assert [p[0] for p in np.asarray(to_rgb(as_i))[0]] == [0, 255]
-    as_f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))
-    assert [p[0] for p in np.asarray(to_rgb(as_f))[0]] == [0, 128, 255]
+    # 16-bit and float images: Pillow's convert("RGB") as in the reference (values clipped to 0..255).
+    for array in (np.array([[0, 100, 255, 256, 65535]], np.uint16), np.array([[0, 100, 255, 256, -5]], np.int32),
+                  np.array([[0.0, 0.5, 100.7, 255.0, 300.0]], np.float32)):
+        image = Image.fromarray(array)
+        assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))
+    assert Image.fromarray(np.array([[1]], np.uint16)).mode.startswith("I;16")
 
 
 @pytest.mark.parametrize("mode", ["LA", "CMYK", "I;16", "1", "P", "RGBA", "L"])

@@ -309,21 +309,14 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB the way the reference does (`convert("RGB")`).
+    """Convert any Pillow mode to 8-bit RGB exactly as the reference does: `convert("RGB")`.
 
-    Alpha is dropped without compositing (reference behaviour). Exceptions, where Pillow's
-    convert("RGB") clips values to 0..255 and so turns most real images white or black:
-    - "I;16*" (16-bit grey): value / 257, rounded (0..65535 -> 0..255).
-    - "I" (32-bit int): as is when all values are within 0..255, value / 257 when within
-      0..65535 (16-bit PNGs opened as "I"), otherwise min-max scaled to 0..255.
-    - "F" (float): NaN -> 0; times 255 when all values are within 0..1, as is within 0..255,
-      otherwise min-max scaled.
+    Alpha is dropped without compositing; palettes are expanded; CMYK is converted. 16-bit and
+    float images ("I;16", "I", "F") are clipped to 0..255 by Pillow, as in the reference, so a
+    16-bit scan with values above 255 turns white: convert such images to 8 bits first.
     """
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        gray = _scale_to_uint8(np.asarray(image), image.mode)
-        return Image.fromarray(gray, mode="L").convert("RGB")
     try:
         return image.convert("RGB")
     except ValueError:
@@ -332,23 +325,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGBA").convert("RGB")
     except ValueError:
         raise ImageError(f"images of Pillow mode {image.mode!r} cannot be converted to RGB") from None
-
-
-def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    values = values.astype(np.float64)
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        scaled = values / 257.0
-    elif mode == "F" and low >= 0.0 and high <= 1.0:
-        scaled = values * 255.0
-    elif low >= 0.0 and high <= 255.0:
-        scaled = values
-    elif mode == "I" and low >= 0.0 and high <= 65535.0:
-        scaled = values / 257.0
-    else:
-        scaled = (values - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
