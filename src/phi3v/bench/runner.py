@@ -72,17 +72,17 @@ def ensure_quantized(source: Path, scheme: str, data_dir: Path, log) -> tuple[Pa
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
-    """Memory read bandwidth: sum over a bf16 buffer larger than the caches (median of runs)."""
+    """Memory read bandwidth: a float32 sum over a buffer far larger than the caches (median)."""
     torch.set_num_threads(threads)
-    x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     x.sum()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        x.sum(dtype=torch.float32)
+        x.sum()
         times.append(time.perf_counter() - start)
     times.sort()
-    return x.numel() * 2 / times[len(times) // 2] / 1e9
+    return x.numel() * 4 / times[len(times) // 2] / 1e9
 
 
 def weight_counts(model_dir: Path, group_size: int = 128) -> dict:
