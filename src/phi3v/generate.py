@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from .decoder import build_attention_mask
 from .model import Phi3VForCausalLM
 from .options import GenerationOptions
 
@@ -140,8 +142,6 @@ def prefill(model: Phi3VForCausalLM, embeds: torch.Tensor, start: int, cache) ->
     """embeds (L, hidden) for positions [start, start+L) -> last-position logits (V,) float32."""
     L = embeds.shape[0]
     positions = torch.arange(start, start + L, device=embeds.device)[None]
-    from .decoder import build_attention_mask
-
     mask = build_attention_mask(L, start, None, embeds.device)
     h = model.forward_hidden(embeds[None], positions, cache, mask)
     return model.logits(h[0, -1])
@@ -171,8 +171,6 @@ def generate_ids(
     state.cache (a conversation's earlier turns); only the rest is prefilled.
     `logits_hook(step, logits)` sees the float32 logits each token is chosen from (for tests).
     """
-    import time
-
     orig = model.cfg.text.original_max_position_embeddings
     has_long = model.cfg.text.rope_long_factor is not None
     sampler = Sampler(options, model.lm_head.weight.device)
