@@ -39,6 +39,7 @@ def build_report(results: dict[str, dict], env: dict) -> dict:
     for variant, res in results.items():
         report["variants"][variant] = {
             "load_s": res["load_s"], "rss_after_load_gib": res["rss_after_load_gib"],
+            "rss_weights_touched_gib": res.get("rss_weights_touched_gib", res["rss_after_load_gib"]),
             "peak_rss_gib": res["peak_rss_gib"],
             "metrics": {m: summary(v) for m, v in res["metrics"].items()},
         }
@@ -78,8 +79,9 @@ def _goals(report: dict, env: dict) -> list[dict]:
         add("phi3v-bf16 TTFT 1 image num_crops 16 vs transformers", round(x, 2), ">= 1.5x", x >= 1.5)
     wb = env.get("bf16_weight_gib")
     if wb and "phi3v-bf16" in v:
-        load_rss = v["phi3v-bf16"]["rss_after_load_gib"]
-        add("phi3v-bf16 RSS after load / bf16 weight bytes", round(load_rss / wb, 3), "<= 1.1", load_rss / wb <= 1.1)
+        load_rss = v["phi3v-bf16"]["rss_weights_touched_gib"]
+        add("phi3v-bf16 RSS loaded, every weight touched / bf16 weight bytes", round(load_rss / wb, 3), "<= 1.1",
+            load_rss / wb <= 1.1)
         peak = v["phi3v-bf16"]["peak_rss_gib"]
         add("phi3v-bf16 peak RSS of the whole run / weight bytes", round(peak / wb, 3), "(info)", None)
     if "phi3v-int4" in v:
@@ -108,6 +110,8 @@ def markdown_table(report: dict) -> str:
     lines.append("| load s | " + " | ".join(f"{report['variants'][x]['load_s']:.1f}" for x in variants) + " |")
     lines.append("| RSS after load GiB | " + " | ".join(
         f"{report['variants'][x]['rss_after_load_gib']:.2f}" for x in variants) + " |")
+    lines.append("| RSS weights touched GiB | " + " | ".join(
+        f"{report['variants'][x]['rss_weights_touched_gib']:.2f}" for x in variants) + " |")
     lines.append("| peak RSS GiB | " + " | ".join(f"{report['variants'][x]['peak_rss_gib']:.2f}" for x in variants) + " |")
     for m in metrics:
         cells = []
