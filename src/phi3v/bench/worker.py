@@ -17,7 +17,7 @@ import time
 import torch
 
 from .memory import peak_rss_gib, rss_gib
-from .workloads import Plan, run_plan, text_ids
+from .workloads import Plan, bench_image, image_messages, run_plan, text_ids
 
 
 def main(argv=None) -> int:
@@ -59,6 +59,10 @@ def main(argv=None) -> int:
     if plan.vision:
         engine.encode_crops(torch.zeros(1, 3, 336, 336))
     warm = rss_gib()
+    e2e = None
+    if plan.vision:  # end to end: load + one image request at num_crops 16, before anything else
+        engine.first_token(image_messages(bench_image()), 16)
+        e2e = peak_rss_gib()
     print(f"[{args.variant}] loaded in {load_s:.2f}s, RSS {after_load:.2f} GiB, {warm:.2f} GiB with every "
           "weight touched", file=sys.stderr, flush=True)
     metrics = run_plan(engine, plan, log=lambda m: print(f"[{args.variant}]{m}", file=sys.stderr, flush=True))
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
         "model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "load_s": load_s, "rss_before_load_gib": rss_before, "rss_after_load_gib": after_load, "rss_weights_touched_gib": warm,
+        "peak_rss_e2e_gib": e2e,
         "peak_rss_gib": peak_rss_gib(), "metrics": metrics, "plan": vars(plan),
     }
     with open(args.out, "w", encoding="utf-8") as f:
