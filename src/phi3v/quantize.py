@@ -22,7 +22,7 @@ Kernels (activations (M, K)):
   int4 CPU   torch.ops.aten._weight_int4pack_mm_for_cpu (bf16)
   int4 CUDA  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm)
   else       dequantize to the activation dtype and F.linear (exact same math, no speed gain)
-For prefill-sized inputs (M >= PREFILL_ROWS) on CPU the weight is dequantized to bf16 once per
+For prefill-sized inputs (M >= PREFILL_ROWS[scheme]) on CPU the weight is dequantized to bf16 once per
 call and multiplied with the bf16 GEMM (oneDNN), which beats the weight-only kernels there.
 """
 
@@ -39,7 +39,10 @@ from .errors import CheckpointError, Phi3VError
 SCHEMES = ("int8", "int4")
 CONFIG_KEY = "phi3v_quantization"  # config.json key of a quantized checkpoint
 DEFAULT_GROUP_SIZE = 128
-PREFILL_ROWS = 128  # M at and above which CPU layers dequantize and use the float GEMM
+# Rows (tokens) at and above which CPU layers dequantize the weight to bf16 once per call and use the
+# bf16 GEMM; below, the weight-only kernels are faster (measured crossovers on AVX-512 without AMX:
+# int8 ~128 rows, int4 ~256: dequantizing costs about as much as a 200-row int4 kernel call).
+PREFILL_ROWS = {"int8": 128, "int4": 256}
 
 # Linear layers of the decoder that get quantized (names inside model.layers.N).
 DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -257,7 +260,7 @@ class WeightOnlyInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self._kernel_scales is not None and x2.shape[0] < PREFILL_ROWS:
+        if self._kernel_scales is not None and x2.shape[0] < PREFILL_ROWS["int8"]:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._kernel_scales)
             y = y.to(x.dtype)
         elif self._kernel_scales is not None:
@@ -341,7 +344,7 @@ class WeightOnlyInt4Linear(nn.Module):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         M = x2.shape[0]
-        if self.layout == "cpu" and M < PREFILL_ROWS:
+        if self.layout == "cpu" and M < PREFILL_ROWS["int4"]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                           self.group_size, self._scales_zeros).to(x.dtype)
         elif self.layout == "cuda":
