@@ -402,3 +402,14 @@ def test_plugins_register_subcommands_and_broken_ones_only_warn(tmp_path, monkey
     assert cli.main(["hello", "--fail"]) == 1  # a Phi3VError from a plugin: one line and a hint
     _, err = capsys.readouterr()
     assert "phi3v: error: bad picture" in err and "hint:" in err and "Traceback" not in err
+
+
+def test_quantize_at_load_equals_the_python_api(cli_env, images, tiny_model_dir):
+    import phi3v
+
+    code, out, err = run_cli(cli_env, "describe", images / "a.png", *GEN, "--quantize", "int8", "--json")
+    assert code == 0, err
+    quantized = phi3v.load(str(tiny_model_dir), device="cpu", dtype="float32", progress=False,
+                           quantize="int8", prefix_cache=False)
+    expected = quantized.ask(tasks.task_prompt("describe"), images=[str(images / "a.png")], **API)
+    assert_same_as_api(json.loads(out), expected)

@@ -123,6 +123,9 @@ def common_parent() -> argparse.ArgumentParser:
     g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights and compute dtype (default: auto = bfloat16, float32 on MPS)")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantize the decoder's linear layers while loading (weight-only; less memory, "
+                        "faster decode on CPU; a checkpoint from `phi3v quantize` needs no flag)")
     g.add_argument("--num-crops", type=_int_in(1, 64), default=None,
                    help="max 336px crops per image (default: the model's; fewer = fewer tokens)")
     return p
@@ -190,7 +193,8 @@ def load_model_from_args(args):
     resolve_model_dir(args.model, progress=show, revision=revision)
     start = time.perf_counter()
     with Spinner(f"loading {args.model}", enabled=show):
-        model = phi3v.load(args.model, device=args.device, dtype=dtype, progress=show, revision=revision)
+        model = phi3v.load(args.model, device=args.device, dtype=dtype, progress=show, revision=revision,
+                           quantize=getattr(args, "quantize", None))
     args.load_s = time.perf_counter() - start
     if getattr(args, "verbose", False):
         note(f"loaded {model.name} on {model.device} ({_dtype_name(model.dtype)}) in {args.load_s:.2f}s")
