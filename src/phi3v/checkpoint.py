@@ -182,10 +182,13 @@ def _download(repo_id: str, *, revision: str | None, progress: bool, cache_dir) 
 # ---------------------------------------------------------------------------------------------
 
 def unused_vision_patterns(num_vision_layers: int) -> tuple[str, ...]:
-    """Regexes of the checkpoint tensors Phi-3-V never uses: CLIP's post_layernorm and its last
-    encoder layer (features come from the penultimate layer, spec §2/§4).  For `skip_unused`."""
-    clip = r"^model\.vision_embed_tokens\.img_processor\.vision_model\."
-    return (clip + r"post_layernorm\.", clip + rf"encoder\.layers\.{num_vision_layers - 1}\.")
+    """Regexes of the checkpoint tensors Phi-3-V never uses with the default feature layer (-2):
+    CLIP's post_layernorm and its last encoder layer (spec §2/§4).  For `skip_unused`; the model
+    itself uses vision.unused_vision_keys(config), which also follows a configured layer_idx."""
+    from .config import VisionConfig
+    from .vision import unused_vision_keys
+
+    return tuple(unused_vision_keys(VisionConfig(num_hidden_layers=num_vision_layers)))
 
 
 def checkpoint_files(model_dir) -> dict[str, Path]:

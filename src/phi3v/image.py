@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import CLIP_MEAN, CLIP_STD
 from .errors import ImageError, Phi3VError
 
 CROP_SIZE = 336  # CLIP ViT-L/14-336 input side; HD images have sides that are multiples of it
 TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12 feature vectors per crop
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # What callers may pass as one image (see open_image).
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]

@@ -33,6 +33,8 @@ from typing import Iterator, Mapping
 import torch
 from safetensors.torch import save_file
 
+from .config import CLIP_MEAN, CLIP_STD
+
 STYLES = ("phi3v", "phi35v")
 
 # Real rope_scaling factor lists (spec Appendix A: Phi-3-vision-128k-instruct, Appendix B:
@@ -88,8 +90,6 @@ REAL_ROPE_FACTORS = {
 _REAL_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                 "num_attention_heads": 16}
 _IMAGE_SIZE, _PATCH_SIZE = 336, 14
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _REAL_NUM_CROPS = {"phi3v": 16, "phi35v": 4}
 _NAME_OR_PATH = {"phi3v": ("Phi-3-vision-128k-instruct", "tiny-phi3v"),
                  "phi35v": ("Phi-3.5-vision-instruct", "tiny-phi35v")}
@@ -409,9 +409,9 @@ def _preprocessor_config(style: str, num_crops: int) -> dict:
         "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor",
                      "AutoImageProcessor": f"{image_module}.Phi3VImageProcessor"},
         "num_crops": num_crops,
-        "image_mean": list(_CLIP_MEAN),
+        "image_mean": list(CLIP_MEAN),
         "image_processor_type": "Phi3VImageProcessor",
-        "image_std": list(_CLIP_STD),
+        "image_std": list(CLIP_STD),
         "processor_class": "Phi3VProcessor",
         "num_img_tokens": 144,
     }
