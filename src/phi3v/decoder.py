@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TextConfig
+from .linear import DecodeLinear
 
 
 class RMSNorm(nn.Module):
@@ -137,8 +138,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=False)  # rows: Q | K | V
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.qkv_proj = DecodeLinear(cfg.hidden_size, q + 2 * kv, bias=False)  # rows: Q | K | V
+        self.o_proj = DecodeLinear(q, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int, mask):
         B, L, _ = x.shape
@@ -167,8 +168,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # rows: gate | up
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = DecodeLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # rows: gate | up
+        self.down_proj = DecodeLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

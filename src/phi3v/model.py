@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import Phi3VConfig
 from .decoder import DecoderLayer, KVCache, LongRoPE, RMSNorm
+from .linear import DecodeLinear
 from .vision import ImageEmbedding
 
 
@@ -31,7 +32,7 @@ class Phi3VForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Phi3VBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     # -- inputs ---------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_embeds: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""Native decode kernels (kernels.c): built on first use with the system C compiler, called via ctypes.
+
+Why: one-token decode is bound by memory bandwidth, and torch's CPU paths for a (1, K) x (K, N)
+product (oneDNN bf16 GEMM, the int8/int4 weight-only kernels) leave a large part of it unused on
+AVX-512 CPUs without AMX.  These kernels stream each weight row once (see kernels.c).
+
+When they are used: x86-64 Linux with AVX-512 BF16 (`/proc/cpuinfo` flag avx512_bf16), a C compiler
+(`$CC` or cc) and PHI3V_NATIVE unset or not "0".  Anything else -> `available()` is False and the
+callers keep their torch paths; a failed build is reported once as a warning, never an error.
+The library is cached under $PHI3V_CACHE_DIR or ~/.cache/phi3v/native, keyed by the source, the
+flags and the compiler, and written atomically so parallel processes can build it together.
+
+Python entry points take torch tensors and return the result, or None where the kernels do not
+take the input (the caller then uses torch):
+  gemv_bf16(w (N, K) bf16, x (M, K))                          -> (M, N)
+  gemv_int8(qweight (N, K) int8, scales (N,) fp32, x (M, K))  -> (M, N)
+  gemv_int4(qweight (N, K/2) uint8, scales, zeros (N, K/G) bf16, x (M, K), G) -> (M, N)
+  dequant_int4_bf16(...), dequant_int8_bf16(...)              -> (N, K) bf16
+M is at most MAX_ROWS (8); results come back in x's dtype (bf16 or fp32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 8
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512bf16", "-mfma"]
+_REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not = ""
+
+
+def available() -> bool:
+    """True when the kernels are built (building them on the first call) and usable here."""
+    return _load() is not None
+
+
+def why_unavailable() -> str:
+    """A short reason when `available()` is False ('' when it is True)."""
+    _load()
+    return _why_not
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PHI3V_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "phi3v")
+    return Path(root) / "native"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _build() -> Path:
+    """Compile kernels.c into the cache (once per source/flags/compiler) and return the .so path."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
+        os.replace(tmp, target)  # atomic: a concurrent builder's file is equally good
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "phi3v_gemv_bf16": [p, p, p, i64, i64, i64, i32, i32],
+        "phi3v_gemv_int8": [p, p, p, p, i64, i64, i64, i32, i32],
+        "phi3v_gemv_int4": [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32],
+        "phi3v_dequant_int4_bf16": [p, p, p, p, i64, i64, i64, i32],
+        "phi3v_dequant_int8_bf16": [p, p, p, i64, i64, i32],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _why_not = _unsupported_reason()
+        if not _why_not:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                _declare(lib)
+                _lib = lib
+            except Exception as err:  # noqa: BLE001 - any build/load problem means "use torch"
+                _why_not = f"native kernels could not be built ({err}); using torch's kernels"
+                warnings.warn(_why_not, RuntimeWarning, stacklevel=3)
+        _tried = True
+    return _lib
+
+
+def _unsupported_reason() -> str:
+    if os.environ.get("PHI3V_NATIVE", "1").strip() == "0":
+        return "disabled by PHI3V_NATIVE=0"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"no native kernels for {sys.platform}/{platform.machine()}"
+    missing = _REQUIRED_CPU_FLAGS - _cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    return ""
+
+
+def reset_for_tests(enabled: bool | None = None) -> None:
+    """Forget the loaded state (tests flip PHI3V_NATIVE between runs)."""
+    global _lib, _tried, _why_not
+    with _lock:
+        _lib, _tried, _why_not = None, False, ""
+        if enabled is not None:
+            os.environ["PHI3V_NATIVE"] = "1" if enabled else "0"
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor wrappers
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype in (
+        torch.bfloat16, torch.float32)
+
+
+def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    return y, int(x.dtype == torch.bfloat16)
+
+
+def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    lib = _load()
+    if lib is None or not _rows_ok(x) or w.dtype != torch.bfloat16 or not w.is_contiguous():
+        return None
+    N, K = w.shape
+    xb = x.to(torch.bfloat16).contiguous()
+    y, y_bf16 = _out(x, N)
+    rc = lib.phi3v_gemv_bf16(_ptr(w), _ptr(xb), _ptr(y), xb.shape[0], N, K, y_bf16, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def gemv_int8(qweight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """scales: float32 (N,) contiguous."""
+    lib = _load()
+    if lib is None or not _rows_ok(x):
+        return None
+    N, K = qweight.shape
+    xf = x.to(torch.float32).contiguous()
+    y, y_bf16 = _out(x, N)
+    rc = lib.phi3v_gemv_int8(_ptr(qweight), _ptr(scales), _ptr(xf), _ptr(y), xf.shape[0], N, K, y_bf16,
+                             torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def gemv_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, x: torch.Tensor,
+              group_size: int) -> torch.Tensor | None:
+    """qweight (N, K/2) portable nibbles; scales, zeros bf16 (N, K/G) contiguous."""
+    lib = _load()
+    if lib is None or not _rows_ok(x) or group_size % 64:
+        return None
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    M = x.shape[0]
+    xb = x.to(torch.bfloat16)
+    # Per 64 inputs: [32 even | 32 odd], matching the low/high nibbles of 32 bytes.
+    xp = xb.reshape(M, K // 64, 32, 2).transpose(2, 3).contiguous()
+    xs = xb.float().reshape(M, K // group_size, group_size).sum(-1)  # (M, K/G) of the bf16 values
+    y, y_bf16 = _out(x, N)
+    rc = lib.phi3v_gemv_int4(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(xp), _ptr(xs), _ptr(y), M, N, K,
+                             group_size, y_bf16, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def dequant_int4_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor | None:
+    lib = _load()
+    if lib is None:
+        return None
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    rc = lib.phi3v_dequant_int4_bf16(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size,
+                                     torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def dequant_int8_bf16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """scales: float32 (N,) contiguous."""
+    lib = _load()
+    if lib is None:
+        return None
+    N, K = qweight.shape
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    rc = lib.phi3v_dequant_int8_bf16(_ptr(qweight), _ptr(scales), _ptr(out), N, K, torch.get_num_threads())
+    return out if rc == 0 else None
