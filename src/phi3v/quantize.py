@@ -13,17 +13,21 @@ Layers (`WeightOnlyInt8Linear`, `WeightOnlyInt4Linear`) keep the portable form a
   int4  qweight uint8 (N, K/2): byte j of a row holds input 2j in its low nibble, 2j+1 in its high
         scales, zeros (N, K/G)
 `prepare()` turns them into the layout of the fastest kernel on the layer's device (done once,
-after loading): CPU int4 -> torch's _weight_int4pack_mm_for_cpu layout, CUDA int4 -> tinygemm's
+after loading): CPU int4 with phi3v's native kernels -> the portable form as it is; CPU int4
+without them -> torch's _weight_int4pack_mm_for_cpu layout; CUDA int4 -> tinygemm's
 _weight_int4pack_mm layout.  `portable()` gives the checkpoint form back.
 
 Kernels (activations (M, K)):
-  int8 CPU   torch._weight_int8pack_mm with bf16 activations (its fp32 path is a slow scalar loop,
-             so fp32 inputs are rounded to bf16 for the kernel and the result cast back)
-  int4 CPU   torch.ops.aten._weight_int4pack_mm_for_cpu (bf16)
+  CPU, native (phi3v.native, AVX-512 BF16), M <= native.MAX_ROWS: gemv_int8 (fp32 activations) and
+             gemv_int4 (bf16 activations); these stream the weight at memory speed
+  int8 CPU   else torch._weight_int8pack_mm with bf16 activations (its fp32 path is a slow scalar
+             loop, so fp32 inputs are rounded to bf16 for the kernel and the result cast back)
+  int4 CPU   else torch.ops.aten._weight_int4pack_mm_for_cpu (bf16)
   int4 CUDA  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm)
   else       dequantize to the activation dtype and F.linear (exact same math, no speed gain)
 For prefill-sized inputs (M >= PREFILL_ROWS[scheme]) on CPU the weight is dequantized to bf16 once per
-call and multiplied with the bf16 GEMM (oneDNN), which beats the weight-only kernels there.
+call (natively in one pass when available) and multiplied with the bf16 GEMM (oneDNN), which beats
+the weight-only kernels there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import CheckpointError, Phi3VError
 
 SCHEMES = ("int8", "int4")
@@ -230,6 +235,7 @@ class WeightOnlyInt8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         self._kernel_scales = None  # scales in the kernel's dtype (bf16 on CPU)
+        self._native_scales = None  # float32 scales for phi3v.native (CPU with the native kernels)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "WeightOnlyInt8Linear":
@@ -248,7 +254,9 @@ class WeightOnlyInt8Linear(nn.Module):
         return layer.prepare()
 
     def prepare(self) -> "WeightOnlyInt8Linear":
-        self._kernel_scales = self.scales.to(torch.bfloat16) if self.qweight.device.type == "cpu" else None
+        on_cpu = self.qweight.device.type == "cpu"
+        self._kernel_scales = self.scales.to(torch.bfloat16) if on_cpu else None
+        self._native_scales = self.scales.float().contiguous() if on_cpu and native.available() else None
         return self
 
     def portable(self) -> dict[str, torch.Tensor]:
@@ -260,17 +268,27 @@ class WeightOnlyInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self._kernel_scales is not None and x2.shape[0] < PREFILL_ROWS["int8"]:
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._kernel_scales)
-            y = y.to(x.dtype)
-        elif self._kernel_scales is not None:
-            w = self.qweight.to(torch.bfloat16).mul_(self._kernel_scales[:, None])
-            y = F.linear(x2.to(torch.bfloat16), w).to(x.dtype)
-        else:  # x W^T = (x q^T) * s per output column: no dequantized copy needed
+        y = self._cpu_forward(x2) if self._kernel_scales is not None else None
+        if y is None:  # x W^T = (x q^T) * s per output column: no dequantized copy needed
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape, self.out_features)
+
+    def _cpu_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) in x2's dtype with the fastest CPU kernel for M rows."""
+        M = x2.shape[0]
+        if self._native_scales is not None and M <= native.MAX_ROWS:
+            y = native.gemv_int8(self.qweight, self._native_scales, x2)
+            if y is not None:
+                return y
+        if M < PREFILL_ROWS["int8"]:
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._kernel_scales)
+            return y.to(x2.dtype)
+        w = None if self._native_scales is None else native.dequant_int8_bf16(self.qweight, self._native_scales)
+        if w is None:
+            w = self.qweight.to(torch.bfloat16).mul_(self._kernel_scales[:, None])
+        return F.linear(x2.to(torch.bfloat16), w).to(x2.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -291,7 +309,7 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
-        self.layout = "portable"  # "portable" | "cpu" | "cuda": what qweight holds now
+        self.layout = "portable"  # "portable" | "native" | "cpu" | "cuda": what qweight holds now
         self._scales_zeros = None  # (K/G, N, 2) bf16 for the kernels
 
     @classmethod
@@ -315,6 +333,12 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.layout != "portable":
             return self
         dev = self.qweight.device
+        if dev.type == "cpu" and self.group_size % 64 == 0 and native.available():
+            # The native kernels read the portable form and bf16 scales/zeros (no copy when the
+            # model is bf16).
+            self.scales, self.zeros = self.scales.to(torch.bfloat16).contiguous(), self.zeros.to(torch.bfloat16).contiguous()
+            self.layout = "native"
+            return self
         sz = torch.stack((self.scales, self.zeros), dim=-1).to(torch.bfloat16)  # (N, K/G, 2)
         sz = sz.transpose(0, 1).contiguous()  # (K/G, N, 2)
         if dev.type == "cpu" and self.out_features % _CPU_BLOCK_N == 0:
@@ -344,7 +368,9 @@ class WeightOnlyInt4Linear(nn.Module):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         M = x2.shape[0]
-        if self.layout == "cpu" and M < PREFILL_ROWS["int4"]:
+        if self.layout == "native":
+            y = self._native_forward(x2)
+        elif self.layout == "cpu" and M < PREFILL_ROWS["int4"]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                           self.group_size, self._scales_zeros).to(x.dtype)
         elif self.layout == "cuda":
@@ -356,9 +382,20 @@ class WeightOnlyInt4Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.view(*shape, self.out_features)
 
+    def _native_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) in x2's dtype: the streaming kernel for few rows, else dequantize + GEMM."""
+        if x2.shape[0] <= native.MAX_ROWS:
+            y = native.gemv_int4(self.qweight, self.scales, self.zeros, x2, self.group_size)
+            if y is not None:
+                return y
+        w = native.dequant_int4_bf16(self.qweight, self.scales, self.zeros, self.group_size)
+        if w is None:
+            w = self.dequantized(torch.bfloat16)
+        return F.linear(x2.to(torch.bfloat16), w).to(x2.dtype)
+
     def _float_dtype(self, x: torch.Tensor) -> torch.dtype:
         # Prefill on CPU: bf16 GEMM (fast path); elsewhere keep the activation dtype.
-        return torch.bfloat16 if self.layout == "cpu" else x.dtype
+        return torch.bfloat16 if self.layout in ("cpu", "native") else x.dtype
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The (N, K) weight this layer multiplies with, in `dtype`."""

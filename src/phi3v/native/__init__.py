@@ -16,6 +16,7 @@ take the input (the caller then uses torch):
   gemv_int8(qweight (N, K) int8, scales (N,) fp32, x (M, K))  -> (M, N)
   gemv_int4(qweight (N, K/2) uint8, scales, zeros (N, K/G) bf16, x (M, K), G) -> (M, N)
   dequant_int4_bf16(...), dequant_int8_bf16(...)              -> (N, K) bf16
+  decode_attention(q (B, H, 1, D), k_buf, v_buf (B, KVH, cap, D), length) -> (B, H, 1, D), all bf16
 M is at most MAX_ROWS (8); results come back in x's dtype (bf16 or fp32).
 """
 
@@ -107,6 +108,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "phi3v_gemv_int4": [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32],
         "phi3v_dequant_int4_bf16": [p, p, p, p, i64, i64, i64, i32],
         "phi3v_dequant_int8_bf16": [p, p, p, i64, i64, i32],
+        "phi3v_decode_attention": [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -233,4 +235,20 @@ def dequant_int8_bf16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     N, K = qweight.shape
     out = torch.empty(N, K, dtype=torch.bfloat16)
     rc = lib.phi3v_dequant_int8_bf16(_ptr(qweight), _ptr(scales), _ptr(out), N, K, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> torch.Tensor | None:
+    """One new token's attention over slots [0, length) of a bf16 KV cache (scale 1/sqrt(D))."""
+    lib = _load()
+    if lib is None or q.dtype != torch.bfloat16 or k_buf.dtype != torch.bfloat16 or q.device.type != "cpu":
+        return None
+    if not (k_buf.is_contiguous() and v_buf.is_contiguous()):
+        return None
+    B, H, _, D = q.shape
+    KVH, cap = k_buf.shape[1], k_buf.shape[2]
+    qc = q.contiguous()
+    out = torch.empty(B, H, 1, D, dtype=torch.bfloat16)
+    rc = lib.phi3v_decode_attention(_ptr(qc), _ptr(k_buf), _ptr(v_buf), _ptr(out), B, H, KVH, cap, D, length,
+                                    D**-0.5, torch.get_num_threads())
     return out if rc == 0 else None
