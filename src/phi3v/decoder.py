@@ -159,6 +159,11 @@ class Attention(nn.Module):
             if L == 1 and mask is None:  # decode: one new token attending to everything cached
                 out = decode_attention(q, cache.k[layer], cache.v[layer], start + 1)
                 return self.o_proj(out.reshape(B, 1, q_w))
+            if L == 1 and q.dtype == torch.bfloat16 and mask.dtype == torch.bool and mask.shape[1:3] == (1, 1):
+                # batched decode: the mask (B, 1, 1, S) only hides each row's left padding
+                out = native.decode_attention(q, cache.k[layer], cache.v[layer], start + 1, mask[:, 0, 0])
+                if out is not None:
+                    return self.o_proj(out.reshape(B, 1, q_w))
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

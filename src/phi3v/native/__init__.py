@@ -108,7 +108,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "phi3v_gemv_int4": [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32],
         "phi3v_dequant_int4_bf16": [p, p, p, p, i64, i64, i64, i32],
         "phi3v_dequant_int8_bf16": [p, p, p, i64, i64, i32],
-        "phi3v_decode_attention": [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32],
+        "phi3v_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -238,8 +238,10 @@ def dequant_int8_bf16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     return out if rc == 0 else None
 
 
-def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> torch.Tensor | None:
-    """One new token's attention over slots [0, length) of a bf16 KV cache (scale 1/sqrt(D))."""
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int,
+                     key_valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One new token's attention over slots [0, length) of a bf16 KV cache (scale 1/sqrt(D)).
+    key_valid (B, >= length) bool: False hides a slot from that row (a batch's left padding)."""
     lib = _load()
     if lib is None or q.dtype != torch.bfloat16 or k_buf.dtype != torch.bfloat16 or q.device.type != "cpu":
         return None
@@ -247,8 +249,14 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         return None
     B, H, _, D = q.shape
     KVH, cap = k_buf.shape[1], k_buf.shape[2]
+    valid_ptr, stride = None, 0
+    if key_valid is not None:
+        if key_valid.shape[0] != B or key_valid.shape[-1] < length:
+            return None
+        key_valid = key_valid.to(torch.uint8).contiguous()
+        valid_ptr, stride = _ptr(key_valid), key_valid.shape[-1]
     qc = q.contiguous()
     out = torch.empty(B, H, 1, D, dtype=torch.bfloat16)
-    rc = lib.phi3v_decode_attention(_ptr(qc), _ptr(k_buf), _ptr(v_buf), _ptr(out), B, H, KVH, cap, D, length,
-                                    D**-0.5, torch.get_num_threads())
+    rc = lib.phi3v_decode_attention(_ptr(qc), _ptr(k_buf), _ptr(v_buf), valid_ptr, stride, _ptr(out), B, H, KVH,
+                                    cap, D, length, D**-0.5, torch.get_num_threads())
     return out if rc == 0 else None
