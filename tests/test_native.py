@@ -190,3 +190,40 @@ def test_broken_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         native.reset_for_tests()
+
+
+@needs_native
+def test_batched_bf16_decode_hides_each_rows_padding(tiny_model_dir, monkeypatch):
+    """A left-padded bf16 batch decodes through the native kernel with the key-padding mask and
+    gives each row the logits of its own single run (to bf16 precision)."""
+    import phi3v
+    from phi3v.batched import BatchRow, PaddedBatch
+    from phi3v.generate import decode_step, prefill
+    from phi3v.options import GenerationOptions
+
+    model = phi3v.load(str(tiny_model_dir), device="cpu", dtype="bfloat16", progress=False,
+                       image_cache_mb=0, prefix_cache=False)
+    masked_calls = []
+    real = native.decode_attention
+
+    def spy(q, k, v, length, key_valid=None):
+        if key_valid is not None:
+            masked_calls.append(int((~key_valid[:, :length]).sum()))
+        return real(q, k, v, length, key_valid)
+
+    monkeypatch.setattr(native, "decode_attention", spy)
+    prompts = ["Short.", "A medium length prompt with a few more words.", "Hi"]
+    rows = [BatchRow(torch.tensor(model.prepare(prompt=p).input_ids), [], GenerationOptions(max_new_tokens=4))
+            for p in prompts]
+    forced = [[100, 200, 300], [7, 8, 9], [3000, 3001, 3002]]
+    batch = PaddedBatch(model.module, rows)
+    got = [batch.prefill()] + [batch.step([forced[r][s] for r in range(3)]) for s in range(3)]
+    assert masked_calls and all(hidden > 0 for hidden in masked_calls)  # padding was hidden natively
+    for r, row in enumerate(rows):
+        cache = model.module.new_cache()
+        want = [prefill(model.module, model.module.embed(row.prompt_ids), 0, cache)]
+        want += [decode_step(model.module, forced[r][s], cache) for s in range(3)]
+        want, have = torch.stack(want), torch.stack([g[r] for g in got])
+        # bf16 activations: differently shaped products round differently (~2^-8 per op)
+        assert (have - want).abs().max() <= 0.05 * want.abs().max(), f"row {r}"
+        assert torch.equal(have.argmax(-1), want.argmax(-1)), f"row {r}"
