@@ -413,3 +413,14 @@ def test_quantize_at_load_equals_the_python_api(cli_env, images, tiny_model_dir)
                            quantize="int8", prefix_cache=False)
     expected = quantized.ask(tasks.task_prompt("describe"), images=[str(images / "a.png")], **API)
     assert_same_as_api(json.loads(out), expected)
+
+
+def test_low_memory_flag_keeps_the_answer(cli_env, images, tiny_model_dir):
+    import phi3v
+
+    expected = phi3v.load(str(tiny_model_dir), device="cpu", dtype="float32", progress=False,
+                          prefix_cache=False).ask(tasks.task_prompt("describe"), images=[str(images / "a.png")], **API)
+    for flag in ("--low-memory", "--no-low-memory"):
+        code, out, err = run_cli(cli_env, "describe", images / "a.png", *GEN, flag, "--json")
+        assert code == 0, err
+        assert_same_as_api(json.loads(out), expected)

@@ -19,6 +19,21 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 BF16_REL = 2.0**-8
 
 
+@pytest.fixture(params=list(native.ISAS))
+def isa(request, monkeypatch):
+    """Run a kernel test once per build this CPU can execute (AVX-512 BF16 machines run both)."""
+    monkeypatch.setenv("PHI3V_NATIVE_ISA", request.param)
+    native.reset_for_tests()
+    if not native.available():
+        native.reset_for_tests()
+        monkeypatch.delenv("PHI3V_NATIVE_ISA")
+        pytest.skip(f"{request.param}: {native.why_unavailable() or 'not available here'}")
+    assert native.isa() == request.param
+    yield request.param
+    monkeypatch.delenv("PHI3V_NATIVE_ISA")
+    native.reset_for_tests()
+
+
 def _check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """got (M, N) vs x @ w.T in float64; bound from the sum of |terms| per output."""
     want = x.double() @ w.double().T
@@ -31,7 +46,7 @@ def _check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
 @needs_native
 @pytest.mark.parametrize("rows", range(1, native.MAX_ROWS + 1))
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_gemv_bf16_matches_float64(rows, out_dtype):
+def test_gemv_bf16_matches_float64(rows, out_dtype, isa):
     g = torch.Generator().manual_seed(rows)
     N, K = 53, 320  # N not a multiple of the kernel's row blocks
     w = torch.randn(N, K, generator=g).to(torch.bfloat16)
@@ -43,7 +58,7 @@ def test_gemv_bf16_matches_float64(rows, out_dtype):
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
-def test_gemv_int8_matches_float64(rows):
+def test_gemv_int8_matches_float64(rows, isa):
     g = torch.Generator().manual_seed(10 + rows)
     N, K = 37, 272
     q, s = quantize_int8(torch.randn(N, K, generator=g))
@@ -60,7 +75,7 @@ def test_gemv_int8_matches_float64(rows):
 @needs_native
 @pytest.mark.parametrize("rows", [1, 3, 4, 8])
 @pytest.mark.parametrize("group", [64, 128])
-def test_gemv_int4_matches_float64(rows, group):
+def test_gemv_int4_matches_float64(rows, group, isa):
     g = torch.Generator().manual_seed(20 + rows + group)
     N, K = 45, 384
     q, s, z = quantize_int4(torch.randn(N, K, generator=g), group)
@@ -81,7 +96,7 @@ def test_gemv_int4_matches_float64(rows, group):
 @needs_native
 @pytest.mark.parametrize("length", [1, 17, 300])
 @pytest.mark.parametrize("head_dim", [96, 16, 40])  # Phi-3's, the tiny models', one with a tail
-def test_decode_attention_matches_float64(length, head_dim):
+def test_decode_attention_matches_float64(length, head_dim, isa):
     from phi3v.decoder import decode_attention
 
     g = torch.Generator().manual_seed(length + head_dim)
@@ -103,7 +118,7 @@ def test_decode_attention_matches_float64(length, head_dim):
 
 
 @needs_native
-def test_dequantize_kernels_round_once_to_bf16():
+def test_dequantize_kernels_round_once_to_bf16(isa):
     g = torch.Generator().manual_seed(5)
     q4, s4, z4 = quantize_int4(torch.randn(24, 256, generator=g), 128)
     want4 = dequantize_int4(q4, s4, z4)
@@ -117,19 +132,28 @@ def test_dequantize_kernels_round_once_to_bf16():
 
 
 @needs_native
-def test_shapes_the_kernels_do_not_take_return_none():
-    w = torch.randn(8, 48).to(torch.bfloat16)  # K not a multiple of 32
-    assert native.gemv_bf16(w, torch.randn(1, 48)) is None
+def test_shapes_the_kernels_do_not_take_return_none(isa):
     w = torch.randn(8, 64).to(torch.bfloat16)
     assert native.gemv_bf16(w, torch.randn(native.MAX_ROWS + 1, 64)) is None  # too many rows
     assert native.gemv_bf16(w.float(), torch.randn(1, 64)) is None  # float32 weight
+    w48 = torch.randn(8, 48).to(torch.bfloat16)  # K not a multiple of 32
+    x48 = torch.randn(1, 48).to(torch.bfloat16)
     q, s, z = quantize_int4(torch.randn(8, 64), 32)
-    assert native.gemv_int4(q, s, z, torch.randn(1, 64), 32) is None  # group 32
+    q8, s8, z8 = quantize_int4(torch.randn(8, 64), 8)
+    assert native.gemv_int4(q8, s8, z8, torch.randn(1, 64), 8) is None  # group 8: no build takes it
+    if isa == "avx512bf16":  # 32 bf16 / 64 nibbles per step
+        assert native.gemv_bf16(w48, x48) is None
+        assert native.gemv_int4(q, s, z, torch.randn(1, 64), 32) is None
+        assert not native.int4_group_ok(32) and native.int4_group_ok(128)
+    else:  # AVX2 finishes odd widths with scalar code and unpacks 16 nibbles per step
+        _check(native.gemv_bf16(w48, x48), x48, w48)
+        assert native.gemv_int4(q, s, z, torch.randn(1, 64), 32) is not None
+        assert native.int4_group_ok(32)
 
 
 @needs_native
 @pytest.mark.parametrize("rows", [1, 4, 6, 9])
-def test_decode_linear_equals_f_linear(rows):
+def test_decode_linear_equals_f_linear(rows, isa):
     """Native for up to NATIVE_ROWS rows, F.linear beyond; the same numbers either way (to bf16)."""
     g = torch.Generator().manual_seed(rows)
     layer = DecodeLinear(128, 96, bias=True).to(torch.bfloat16)
@@ -143,7 +167,7 @@ def test_decode_linear_equals_f_linear(rows):
 @needs_native
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 8, 300])  # native kernel, native kernel, dequantize + GEMM
-def test_quantized_layers_use_native_kernels(scheme, rows):
+def test_quantized_layers_use_native_kernels(scheme, rows, isa):
     lin = torch.nn.Linear(256, 192, bias=False)
     layer = quantize_linear(lin, QuantConfig.parse(scheme))
     if scheme == "int4":

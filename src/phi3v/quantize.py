@@ -18,8 +18,8 @@ without them -> torch's _weight_int4pack_mm_for_cpu layout; CUDA int4 -> tinygem
 _weight_int4pack_mm layout.  `portable()` gives the checkpoint form back.
 
 Kernels (activations (M, K)):
-  CPU, native (phi3v.native, AVX-512 BF16), M <= native.MAX_ROWS: gemv_int8 (fp32 activations) and
-             gemv_int4 (bf16 activations); these stream the weight at memory speed
+  CPU, native (phi3v.native, AVX-512 BF16 or AVX2), M <= native.MAX_ROWS: gemv_int8 (fp32
+             activations) and gemv_int4 (bf16 activations); these stream the weight at memory speed
   int8 CPU   else torch._weight_int8pack_mm with bf16 activations (its fp32 path is a slow scalar
              loop, so fp32 inputs are rounded to bf16 for the kernel and the result cast back)
   int4 CPU   else torch.ops.aten._weight_int4pack_mm_for_cpu (bf16)
@@ -333,7 +333,7 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.layout != "portable":
             return self
         dev = self.qweight.device
-        if dev.type == "cpu" and self.group_size % 64 == 0 and native.available():
+        if dev.type == "cpu" and native.int4_group_ok(self.group_size):
             # The native kernels read the portable form and bf16 scales/zeros (no copy when the
             # model is bf16).
             self.scales, self.zeros = self.scales.to(torch.bfloat16).contiguous(), self.zeros.to(torch.bfloat16).contiguous()

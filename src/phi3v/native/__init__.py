@@ -1,14 +1,17 @@
-"""Native decode kernels (kernels.c): built on first use with the system C compiler, called via ctypes.
+"""Native decode kernels: built on first use with the system C compiler, called via ctypes.
 
 Why: one-token decode is bound by memory bandwidth, and torch's CPU paths for a (1, K) x (K, N)
 product (oneDNN bf16 GEMM, the int8/int4 weight-only kernels) leave a large part of it unused on
 AVX-512 CPUs without AMX.  These kernels stream each weight row once (see kernels.c).
 
-When they are used: x86-64 Linux with AVX-512 BF16 (`/proc/cpuinfo` flag avx512_bf16), a C compiler
-(`$CC` or cc) and PHI3V_NATIVE unset or not "0".  Anything else -> `available()` is False and the
-callers keep their torch paths; a failed build is reported once as a warning, never an error.
-The library is cached under $PHI3V_CACHE_DIR or ~/.cache/phi3v/native, keyed by the source, the
-flags and the compiler, and written atomically so parallel processes can build it together.
+Two builds of the same entry points, chosen from `/proc/cpuinfo`: kernels_avx512.c (AVX-512 BF16:
+VDPBF16PS dot products, e.g. Zen 4, Sapphire Rapids) and kernels_avx2.c (AVX2 + FMA, float32
+arithmetic: most laptop CPUs).  PHI3V_NATIVE_ISA=avx2|avx512bf16 forces one (tests use it to run
+the AVX2 build on an AVX-512 machine).  They need x86-64 Linux, a C compiler (`$CC` or cc) and
+PHI3V_NATIVE unset or not "0".  Anything else -> `available()` is False and the callers keep their
+torch paths; a failed build is reported once as a warning, never an error.  The library is cached
+under $PHI3V_CACHE_DIR or ~/.cache/phi3v/native, keyed by the sources, the flags and the compiler,
+and written atomically so parallel processes can build it together.
 
 Python entry points take torch tensors and return the result, or None where the kernels do not
 take the input (the caller then uses torch):
@@ -36,13 +39,18 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 8
-_SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-          "-mavx512bf16", "-mfma"]
-_REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+_HERE = Path(__file__).parent
+_COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+# name -> (source, compiler flags, /proc/cpuinfo flags it needs), best first
+ISAS = {
+    "avx512bf16": ("kernels_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"],
+                   {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}),
+    "avx2": ("kernels_avx2.c", ["-mavx2", "-mfma"], {"avx2", "fma"}),
+}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_isa = ""
 _tried = False
 _why_not = ""
 
@@ -56,6 +64,18 @@ def why_unavailable() -> str:
     """A short reason when `available()` is False ('' when it is True)."""
     _load()
     return _why_not
+
+
+def isa() -> str:
+    """The build in use: "avx512bf16", "avx2", or "" when none is."""
+    _load()
+    return _isa
+
+
+def int4_group_ok(group_size: int) -> bool:
+    """Whether the int4 kernel of the build in use takes this group size (a multiple of the
+    inputs one step unpacks: 64 for AVX-512 BF16, 16 for AVX2)."""
+    return available() and group_size % (64 if _isa == "avx512bf16" else 16) == 0
 
 
 def _cpu_flags() -> set[str]:
@@ -78,19 +98,23 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def _build() -> Path:
-    """Compile kernels.c into the cache (once per source/flags/compiler) and return the .so path."""
+def _build(name: str) -> Path:
+    """Compile the `name` kernels into the cache (once per sources/flags/compiler); the .so path."""
+    source, flags, _ = ISAS[name]
+    flags = _COMMON_FLAGS + flags
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{key}.so"
+    text = (_HERE / source).read_bytes() + (_HERE / "common.h").read_bytes()
+    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{name}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *flags, str(_HERE / source), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
         os.replace(tmp, target)  # atomic: a concurrent builder's file is equally good
@@ -109,6 +133,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "phi3v_dequant_int4_bf16": [p, p, p, p, i64, i64, i64, i32],
         "phi3v_dequant_int8_bf16": [p, p, p, i64, i64, i32],
         "phi3v_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32],
+        "phi3v_isa": [],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
@@ -116,18 +141,18 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _why_not
+    global _lib, _isa, _tried, _why_not
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
-        _why_not = _unsupported_reason()
-        if not _why_not:
+        name, _why_not = _choose_isa()
+        if name:
             try:
-                lib = ctypes.CDLL(str(_build()))
+                lib = ctypes.CDLL(str(_build(name)))
                 _declare(lib)
-                _lib = lib
+                _lib, _isa = lib, name
             except Exception as err:  # noqa: BLE001 - any build/load problem means "use torch"
                 _why_not = f"native kernels could not be built ({err}); using torch's kernels"
                 warnings.warn(_why_not, RuntimeWarning, stacklevel=3)
@@ -135,22 +160,34 @@ def _load() -> ctypes.CDLL | None:
     return _lib
 
 
-def _unsupported_reason() -> str:
+def _choose_isa() -> tuple[str, str]:
+    """(build name, '') or ('', why none can be used here)."""
     if os.environ.get("PHI3V_NATIVE", "1").strip() == "0":
-        return "disabled by PHI3V_NATIVE=0"
+        return "", "disabled by PHI3V_NATIVE=0"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"no native kernels for {sys.platform}/{platform.machine()}"
-    missing = _REQUIRED_CPU_FLAGS - _cpu_flags()
-    if missing:
-        return f"this CPU lacks {', '.join(sorted(missing))}"
-    return ""
+        return "", f"no native kernels for {sys.platform}/{platform.machine()}"
+    forced = os.environ.get("PHI3V_NATIVE_ISA", "").strip().lower()
+    if forced and forced not in ISAS:
+        return "", f"PHI3V_NATIVE_ISA={forced!r} is not one of {', '.join(ISAS)}"
+    cpu = _cpu_flags()
+    missing: set[str] = set()
+    for name in [forced] if forced else list(ISAS):
+        missing = ISAS[name][2] - cpu
+        if not missing:
+            return name, ""
+    return "", f"this CPU lacks {', '.join(sorted(missing))}"
+
+
+def _unsupported_reason() -> str:
+    """Why no build can be used here, before trying to compile ('' when one can)."""
+    return _choose_isa()[1]
 
 
 def reset_for_tests(enabled: bool | None = None) -> None:
     """Forget the loaded state (tests flip PHI3V_NATIVE between runs)."""
-    global _lib, _tried, _why_not
+    global _lib, _isa, _tried, _why_not
     with _lock:
-        _lib, _tried, _why_not = None, False, ""
+        _lib, _isa, _tried, _why_not = None, "", False, ""
         if enabled is not None:
             os.environ["PHI3V_NATIVE"] = "1" if enabled else "0"
 
@@ -173,12 +210,18 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     return y, int(x.dtype == torch.bfloat16)
 
 
+def _bf16_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bf16, in the dtype the build reads (bf16 for AVX-512 BF16, float32 for AVX2)."""
+    xb = x.to(torch.bfloat16)
+    return (xb if _isa == "avx512bf16" else xb.float()).contiguous()
+
+
 def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     lib = _load()
     if lib is None or not _rows_ok(x) or w.dtype != torch.bfloat16 or not w.is_contiguous():
         return None
     N, K = w.shape
-    xb = x.to(torch.bfloat16).contiguous()
+    xb = _bf16_activations(x)
     y, y_bf16 = _out(x, N)
     rc = lib.phi3v_gemv_bf16(_ptr(w), _ptr(xb), _ptr(y), xb.shape[0], N, K, y_bf16, torch.get_num_threads())
     return y if rc == 0 else None
@@ -201,13 +244,14 @@ def gemv_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
               group_size: int) -> torch.Tensor | None:
     """qweight (N, K/2) portable nibbles; scales, zeros bf16 (N, K/G) contiguous."""
     lib = _load()
-    if lib is None or not _rows_ok(x) or group_size % 64:
+    block = 64 if _isa == "avx512bf16" else 16  # inputs whose nibbles one step unpacks
+    if lib is None or not _rows_ok(x) or group_size % block:
         return None
     N, K = qweight.shape[0], qweight.shape[1] * 2
     M = x.shape[0]
-    xb = x.to(torch.bfloat16)
-    # Per 64 inputs: [32 even | 32 odd], matching the low/high nibbles of 32 bytes.
-    xp = xb.reshape(M, K // 64, 32, 2).transpose(2, 3).contiguous()
+    xb = _bf16_activations(x)
+    # Per block of inputs: [evens | odds], matching the low/high nibbles of block/2 bytes.
+    xp = xb.reshape(M, K // block, block // 2, 2).transpose(2, 3).contiguous()
     xs = xb.float().reshape(M, K // group_size, group_size).sum(-1)  # (M, K/G) of the bf16 values
     y, y_bf16 = _out(x, N)
     rc = lib.phi3v_gemv_int4(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(xp), _ptr(xs), _ptr(y), M, N, K,

@@ -1,4 +1,5 @@
-/* One-token (and few-token) matrix-vector kernels for decode on x86-64 CPUs with AVX-512 BF16.
+/* One-token (and few-token) matrix-vector kernels for decode on x86-64 CPUs with AVX-512 BF16
+ * (kernels_avx2.c has the same entry points for AVX2 + FMA CPUs).
  *
  * Decode reads every weight once per token and does 1-8 multiply-adds with it, so it is bound by
  * memory bandwidth: these kernels stream each weight row once, keep the few input rows in cache,
@@ -20,17 +21,8 @@
  * Threads: rows are split over an OpenMP team of `nthreads`; the library links the libgomp that
  * torch already loaded, so both share one thread pool.
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
+#include "common.h"
 
-#define MAX_ROWS 8 /* most input rows (tokens) a call takes */
-#define ROW_BLOCK 16 /* output rows per scheduling unit */
-/* Software prefetch distance and cache level for the quantized kernels: they spend enough time
- * per byte on arithmetic that the hardware prefetcher alone leaves DRAM idle (measured on Zen 4:
- * int8 ~21 -> ~28 GB/s, int4 ~25 -> ~28 GB/s of nibbles). */
 /* Weight rows per block for M input rows (bf16): R * M accumulators, R + M loads per R * M
  * dot-product steps; measured on Zen 4 (L2-resident: M = 4 and 8 reach ~70 GMAC/s per core). */
 #define BF16_R2 4
@@ -41,28 +33,6 @@
 #define INT8_PREFETCH_HINT _MM_HINT_T1
 #define INT4_PREFETCH_BYTES 4096
 #define INT4_PREFETCH_HINT _MM_HINT_T0
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline void store(void *y, int64_t i, float v, int y_bf16) {
-    if (y_bf16)
-        ((uint16_t *)y)[i] = f32_to_bf16(v);
-    else
-        ((float *)y)[i] = v;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* bf16 weights.  R output rows at a time, M input rows: R*M independent accumulator chains.    */
@@ -295,39 +265,6 @@ int phi3v_gemv_int4(const uint8_t *w, const uint16_t *scales, const uint16_t *ze
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Dequantization to bf16 (for prefill, where the bf16 GEMM wins): one pass, rounded once.      */
-
-int phi3v_dequant_int4_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, uint16_t *out,
-                            int64_t N, int64_t K, int64_t G, int nthreads) {
-    if (K % 2 || G % 2 || K % G) return -1;
-    const int64_t groups = K / G;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t g = 0; g < groups; g++) {
-            float s = bf16_to_f32(scales[n * groups + g]);
-            float z = bf16_to_f32(zeros[n * groups + g]);
-            const uint8_t *src = w + (n * K + g * G) / 2;
-            uint16_t *dst = out + n * K + g * G;
-            for (int64_t j = 0; j < G / 2; j++) {
-                dst[2 * j] = f32_to_bf16(((float)(src[j] & 15) - 8.0f) * s + z);
-                dst[2 * j + 1] = f32_to_bf16(((float)(src[j] >> 4) - 8.0f) * s + z);
-            }
-        }
-    }
-    return 0;
-}
-
-int phi3v_dequant_int8_bf16(const int8_t *w, const float *scales, uint16_t *out, int64_t N, int64_t K,
-                            int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        float s = scales[n];
-        for (int64_t k = 0; k < K; k++) out[n * K + k] = f32_to_bf16((float)w[n * K + k] * s);
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------ */
 /* Attention of one new token over a KV cache (decode).                                         */
 /* q (B, H, D) bf16; k, v (B, KVH, cap, D) bf16 (slots [0, length) filled); out (B, H, D) bf16. */
 /* valid (B, valid_stride) uint8 or NULL: 0 hides a slot from that row (left padding).          */
@@ -441,3 +378,5 @@ int phi3v_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t 
     }
     return failed ? -2 : 0;
 }
+
+int phi3v_isa(void) { return 512; }
