@@ -1,9 +1,9 @@
-"""nn.Linear whose few-token calls (decode) go to the native bf16 kernel when it is available.
+"""nn.Linear whose few-token calls (decode, batched decode) go to the native bf16 kernel when built.
 
 Same parameters and state-dict names as nn.Linear, so checkpoints load and the quantizer (which
 looks for nn.Linear) treats it as one.  For (rows <= NATIVE_ROWS, K) inputs with a bf16 weight on
-the CPU, phi3v.native.gemv_bf16 streams the weight once (about 2.4x the bandwidth oneDNN's bf16 GEMM
-reaches for one token on AVX-512 CPUs without AMX); every other call is F.linear.  Both accumulate
+the CPU, phi3v.native.gemv_bf16 streams the weight once (for one token about 2.4x the bandwidth
+oneDNN's bf16 GEMM reaches on AVX-512 CPUs without AMX); every other call is F.linear.  Both accumulate
 the bf16 products in fp32; results agree to bf16 rounding.
 """
 
@@ -15,8 +15,9 @@ from torch import nn
 
 from . import native
 
-# Above this many rows the bf16 GEMM is as fast or faster (measured with K = 3072, N = 9216-16384).
-NATIVE_ROWS = 4
+# Rows the native kernel takes (its maximum); it beats the bf16 GEMM up to there (K = 3072,
+# N = 16384 from DRAM on Zen 4: 1 row ~2.4x, 8 rows ~1.3x).
+NATIVE_ROWS = native.MAX_ROWS
 
 
 class DecodeLinear(nn.Linear):

@@ -46,6 +46,10 @@ static inline __attribute__((always_inline)) void bf16_block(const uint16_t *w, 
         __m512bh xv[MAX_ROWS]; /* loaded once per step, used by all R weight rows */
         for (int m = 0; m < M; m++) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
         for (int r = 0; r < R; r++) {
+            /* Several rows make a block compute-heavy enough that the hardware prefetcher falls
+             * behind: fetch the same columns of the next block into L2 (M = 8 from DRAM: ~7 -> ~4
+             * ms per 16384x3072 matrix on Zen 4). */
+            if (M > 1) _mm_prefetch((const char *)(w + (n + r + R) * K + k), _MM_HINT_T1);
             __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
             for (int m = 0; m < M; m++) acc[r * M + m] = _mm512_dpbf16_ps(acc[r * M + m], xv[m], wv);
         }
