@@ -129,6 +129,13 @@ def test_dequantize_kernels_round_once_to_bf16(isa):
     want8 = q8.float() * s8[:, None]
     got8 = native.dequant_int8_bf16(q8, s8.contiguous())
     assert torch.equal(got8, want8.to(torch.bfloat16))
+    # widths that leave a scalar tail after the vector loops
+    q8, s8 = quantize_int8(torch.randn(5, 40, generator=g))
+    assert torch.equal(native.dequant_int8_bf16(q8, s8.contiguous()), (q8.float() * s8[:, None]).to(torch.bfloat16))
+    q4, s4, z4 = quantize_int4(torch.randn(5, 60, generator=g), 20)
+    want4 = dequantize_int4(q4, s4, z4)
+    got4 = native.dequant_int4_bf16(q4, s4, z4, 20)
+    assert bool(((got4.float() - want4).abs() <= BF16_REL * want4.abs() + 1e-6).all())
 
 
 @needs_native

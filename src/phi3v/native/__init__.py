@@ -18,7 +18,7 @@ take the input (the caller then uses torch):
   gemv_bf16(w (N, K) bf16, x (M, K))                          -> (M, N)
   gemv_int8(qweight (N, K) int8, scales (N,) fp32, x (M, K))  -> (M, N)
   gemv_int4(qweight (N, K/2) uint8, scales, zeros (N, K/G) bf16, x (M, K), G) -> (M, N)
-  dequant_int4_bf16(...), dequant_int8_bf16(...)              -> (N, K) bf16
+  dequant_int4_bf16(...), dequant_int8_bf16(...)              -> (N, K) bf16 (a reused buffer)
   decode_attention(q (B, H, 1, D), k_buf, v_buf (B, KVH, cap, D), length) -> (B, H, 1, D), all bf16
 M is at most MAX_ROWS (8); results come back in x's dtype (bf16 or fp32).
 """
@@ -259,25 +259,38 @@ def gemv_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return y if rc == 0 else None
 
 
+_scratch = threading.local()
+
+
+def _weight_scratch(N: int, K: int) -> torch.Tensor:
+    """A reused (N, K) bf16 buffer for dequantized weights (one per thread, grown as needed).
+    Fresh 100 MB allocations per layer would cost more in page faults than the dequantization."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < N * K:
+        buf = _scratch.buf = torch.empty(N * K, dtype=torch.bfloat16)
+    return buf[: N * K].view(N, K)
+
+
 def dequant_int4_bf16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int) -> torch.Tensor | None:
+    """(N, K) bf16 weight in a per-thread scratch buffer: valid until the next dequant_* call."""
     lib = _load()
     if lib is None:
         return None
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    out = torch.empty(N, K, dtype=torch.bfloat16)
+    out = _weight_scratch(N, K)
     rc = lib.phi3v_dequant_int4_bf16(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(out), N, K, group_size,
                                      torch.get_num_threads())
     return out if rc == 0 else None
 
 
 def dequant_int8_bf16(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """scales: float32 (N,) contiguous."""
+    """scales: float32 (N,) contiguous.  Same scratch-buffer rule as dequant_int4_bf16."""
     lib = _load()
     if lib is None:
         return None
     N, K = qweight.shape
-    out = torch.empty(N, K, dtype=torch.bfloat16)
+    out = _weight_scratch(N, K)
     rc = lib.phi3v_dequant_int8_bf16(_ptr(qweight), _ptr(scales), _ptr(out), N, K, torch.get_num_threads())
     return out if rc == 0 else None
 
