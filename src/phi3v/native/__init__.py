@@ -104,7 +104,7 @@ def _build(name: str) -> Path:
     flags = _COMMON_FLAGS + flags
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    text = (_HERE / source).read_bytes() + (_HERE / "common.h").read_bytes()
+    text = b"".join((_HERE / f).read_bytes() for f in (source, "common.h", "attention_driver.h"))
     key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{name}-{key}.so"
     if target.exists():
