@@ -73,7 +73,7 @@ def test_gemv_int8_matches_float64(rows, isa):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])  # 5-8: two passes over each block of weight rows
 @pytest.mark.parametrize("group", [64, 128])
 def test_gemv_int4_matches_float64(rows, group, isa):
     g = torch.Generator().manual_seed(20 + rows + group)

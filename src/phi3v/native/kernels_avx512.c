@@ -243,15 +243,19 @@ static void int4_rows(const uint8_t *w, const uint16_t *scales, const uint16_t *
                       const float *xs, void *y, int64_t M, int64_t N, int64_t K, int64_t G, int y_bf16,
                       int64_t n0, int64_t n1) {
     int64_t n = n0;
+    if (M > 4) {
+        /* Two passes over this block of weight rows (it stays in L1/L2 for the second): inputs
+         * 0-3, then 4..M-1, each with two weight rows per x load (fewer loads per VDPBF16PS). */
+        int4_rows(w, scales, zeros, xp, xs, y, 4, N, K, G, y_bf16, n0, n1);
+        char *y_rest = (char *)y + 4 * N * (y_bf16 ? 2 : 4);
+        int4_rows(w, scales, zeros, xp + 4 * K, xs + 4 * (K / G), y_rest, M - 4, N, K, G, y_bf16, n0, n1);
+        return;
+    }
     switch (M) {
         case 1: INT4_RANGE(1, 1) break; /* one row at a time: one stream per thread */
         case 2: INT4_RANGE(4, 2) break;
         case 3: INT4_RANGE(2, 3) break;
-        case 4: INT4_RANGE(2, 4) break;
-        case 5: INT4_RANGE(1, 5) break;
-        case 6: INT4_RANGE(1, 6) break;
-        case 7: INT4_RANGE(1, 7) break;
-        default: INT4_RANGE(1, 8) break;
+        default: INT4_RANGE(2, 4) break;
     }
 }
 
