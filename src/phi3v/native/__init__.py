@@ -310,7 +310,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if key_valid is not None:
         if key_valid.shape[0] != B or key_valid.shape[-1] < length:
             return None
-        key_valid = key_valid.to(torch.uint8).contiguous()
+        if key_valid.dtype not in (torch.bool, torch.uint8):  # bool is one byte of 0/1 already
+            key_valid = key_valid.to(torch.uint8)
+        key_valid = key_valid.contiguous()  # a (B, 1, 1, S) mask's [:, 0, 0] is: no copy per layer
         valid_ptr, stride = _ptr(key_valid), key_valid.shape[-1]
     qc = q.contiguous()
     out = torch.empty(B, H, 1, D, dtype=torch.bfloat16)
