@@ -7,7 +7,7 @@ Both paths run the same records (images written to disk as JPEG, so decoding is 
 work, as in a real job) with greedy decoding:
 
   one by one:  for each record, `model.ask(prompt, images=[path], ...)`, sequentially;
-  batch:       `phi3v.batch.run_batch(folder, model, task=..., batch_size=B, workers=W)`:
+  batch:       `phi3v.batch.runner.run_batch(folder, model, task=..., batch_size=B, workers=W)`:
                preprocessing threads work ahead of the model, batches go to
                `model.generate_batch` when the engine has it.
 
@@ -54,7 +54,7 @@ def one_by_one(model, paths, prompt, options) -> tuple[float, dict]:
 
 
 def batched(model, folder, task, options, batch_size, workers) -> tuple[float, dict]:
-    from phi3v.batch import run_batch
+    from phi3v.batch.runner import run_batch
 
     start = time.perf_counter()
     job = run_batch(folder, model, task=task, batch_size=batch_size, workers=workers, **options)

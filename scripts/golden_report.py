@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import phi3v
-from phi3v.image import open_image, preprocess
+from phi3v.engine.image import open_image, preprocess
 
 
 def main() -> None:

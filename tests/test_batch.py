@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from phi3v.batch import RESULT_KEYS, iter_job_results, run_batch
-from phi3v.batch_records import Record, discover, resolve_jobs
-from phi3v.batch_store import ResultStore, done_ids, read_results
+from phi3v.batch.runner import RESULT_KEYS, iter_job_results, run_batch
+from phi3v.batch.records import Record, discover, resolve_jobs
+from phi3v.batch.store import ResultStore, done_ids, read_results
 from phi3v.errors import ImageError, Phi3VError
 from phi3v.options import GenerationOptions
 from phi3v.results import Completion, Timings, Usage
@@ -380,7 +380,7 @@ def test_jsonl_input_with_per_record_prompts(tiny_model, image_folder, tmp_path)
 
 
 def test_cli_batch_writes_results_and_a_summary(tiny_model_dir, image_folder, tmp_path, capsys):
-    from phi3v.cli import main
+    from phi3v.cli.main import main
 
     (image_folder / "zz-bad.png").write_bytes(b"garbage")
     out = tmp_path / "cli.jsonl"
@@ -400,7 +400,7 @@ def test_cli_batch_writes_results_and_a_summary(tiny_model_dir, image_folder, tm
 
 
 def test_cli_batch_usage_errors(tmp_path, capsys):
-    from phi3v.cli import main
+    from phi3v.cli.main import main
 
     assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 1
     assert "give --task or --prompt" in capsys.readouterr().err

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import phi3v
-from phi3v.batched import BatchRow, PaddedBatch, generate_ids_batched
+from phi3v.engine.batched import BatchRow, PaddedBatch, generate_ids_batched
 from phi3v.errors import Phi3VError, PromptTooLongError
-from phi3v.generate import GenerationState, decode_step, generate_ids, prefill
+from phi3v.engine.generate import GenerationState, decode_step, generate_ids, prefill
 from phi3v.options import GenerationOptions as Opts
 
 

@@ -57,7 +57,7 @@ def test_plan_runs_every_metric_with_its_repeats():
 
 
 def test_bench_image_gives_the_documented_crop_counts():
-    from phi3v.image import crop_grid
+    from phi3v.engine.image import crop_grid
 
     img = bench_image()
     assert crop_grid(*img.size, 4) == (2, 2) and crop_grid(*img.size, 16) == (4, 4)

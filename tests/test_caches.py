@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import phi3v
-from phi3v.feature_cache import ImageFeatureCache, image_keys
-from phi3v.generate import GenerationState, generate_ids
-from phi3v.prefix_cache import RetainedConversation, reusable_prefix
+from phi3v.engine.feature_cache import ImageFeatureCache, image_keys
+from phi3v.engine.generate import GenerationState, generate_ids
+from phi3v.engine.prefix_cache import RetainedConversation, reusable_prefix
 
 GREEDY = {"max_new_tokens": 12}
 
@@ -99,7 +99,7 @@ def test_image_cache_key_includes_num_crops_and_pixels(tiny_model_dir):
 
 def test_pixel_cache_reuses_preprocessing_with_equal_pixels(tiny_model_dir, monkeypatch):
     import phi3v.api
-    from phi3v.image import open_image, preprocess
+    from phi3v.engine.image import open_image, preprocess
 
     model = load(tiny_model_dir)
     runs = []

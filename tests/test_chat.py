@@ -1,4 +1,4 @@
-"""phi3v.chat: message rendering (spec §8.1) and input ids with image runs (spec §8.4, §8.5).
+"""phi3v.engine.chat_template: message rendering (spec §8.1) and input ids with image runs (spec §8.4, §8.5).
 
 Worked examples use small fake image token counts (T = 5, 3) so runs are easy to read; the golden
 model cases check real counts against the reference processor's input_ids.
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from golden_cases import golden_dir, load_cases
-from phi3v.chat import build_input_ids, check_image_tags, render_messages, render_prompt
+from phi3v.engine.chat_template import build_input_ids, check_image_tags, render_messages, render_prompt
 from phi3v.errors import PromptError
-from phi3v.tokenizer import Tokenizer
+from phi3v.engine.tokenizer import Tokenizer
 
 ASSET_DIR = pathlib.Path(__file__).resolve().parent.parent / "src" / "phi3v" / "assets" / "tokenizer"
 MODEL_CASES = load_cases("model_cases")

@@ -1,4 +1,4 @@
-"""phi3v.checkpoint: strict safetensors loading and model-folder resolution (no network)."""
+"""phi3v.engine.checkpoint: strict safetensors loading and model-folder resolution (no network)."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from huggingface_hub.utils import LocalEntryNotFoundError, are_progress_bars_dis
 from safetensors import safe_open
 from torch import nn
 
-from phi3v import checkpoint
+from phi3v.engine import checkpoint
 from phi3v.errors import CheckpointError, ModelNotFoundError
 from phi3v.testing import make_tiny_checkpoint
 

@@ -223,7 +223,7 @@ def test_chat_session_from_stdin(cli_env, images, tiny_model, tmp_path):
 def test_info_counts_tokens_and_parameters_from_the_folder(cli_env, images, tiny_model_dir):
     from safetensors import safe_open
 
-    from phi3v.image import crop_grid, num_image_tokens
+    from phi3v.engine.image import crop_grid, num_image_tokens
 
     code, out, err = run_cli(cli_env, "info", images / "square.png", images / "a.png",
                              "--num-crops", "4", "--dtype", "float32", "--json")
@@ -375,7 +375,7 @@ def test_verbose_shows_the_traceback(cli_env, images):
 
 
 def test_plugins_register_subcommands_and_broken_ones_only_warn(tmp_path, monkeypatch, capsys):
-    from phi3v import cli
+    from phi3v.cli import main as cli
 
     (tmp_path / "cli_test_plugin_ok.py").write_text(
         "def register(subparsers, common):\n"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import phi3v
-from phi3v.generate import GenerationState, generate_ids
+from phi3v.engine.generate import GenerationState, generate_ids
 from golden_cases import golden_dir, load_cases, load_index
 
 CASES = load_cases("model_cases")
@@ -48,7 +48,7 @@ def test_golden_model_case(case):
     prepared = model.prepare(raw_prompt=meta["prompt"], images=images, num_crops=meta["num_crops"])
     assert prepared.input_ids == ref["input_ids"][0].tolist(), "input_ids differ from the reference processor"
     if "messages" in meta and meta["messages"]:
-        from phi3v.chat import render_messages
+        from phi3v.engine.chat_template import render_messages
 
         assert render_messages(meta["messages"]).prompt_text == meta["prompt"]
     pixel_values = image_sizes = None

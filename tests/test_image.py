@@ -1,4 +1,4 @@
-"""phi3v.image: every input kind, source policy refusals, bad files, modes, token arithmetic.
+"""phi3v.engine.image: every input kind, source policy refusals, bad files, modes, token arithmetic.
 
 The exact pixel parity with the reference is in test_image_golden.py; here small synthetic images.
 """
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from phi3v.errors import ImageError, Phi3VError
-from phi3v.image import (
+from phi3v.engine.image import (
     CLIP_MEAN,
     CLIP_STD,
     ImageSourcePolicy,

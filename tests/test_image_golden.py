@@ -1,4 +1,4 @@
-"""Every processor case of the golden set through phi3v.image, at the golden README tolerances.
+"""Every processor case of the golden set through phi3v.engine.image, at the golden README tolerances.
 
 Cases come from tests/golden, or from $PHI3V_GOLDEN_DIR (another set in the same format).
 Tolerances (tests/golden/README.md): hd.png exact (uint8); image_sizes, crop grid and token counts
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from golden_cases import golden_dir, load_cases
-from phi3v.image import crop_grid, hd_transform, num_image_tokens, open_image, preprocess
+from phi3v.engine.image import crop_grid, hd_transform, num_image_tokens, open_image, preprocess
 
 PROCESSOR_CASES = load_cases("processor_cases")
 STAT_REL, SUM_ABS_FLOOR, MAX_ABS_TOL, CROP_ABS_TOL = 1e-5, 1e-3, 1e-5, 1e-5

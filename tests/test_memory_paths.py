@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 import phi3v
-from phi3v.decoder import KVCache
-from phi3v.page_out import page_out, safetensors_mappings
+from phi3v.engine.decoder import KVCache
+from phi3v.kernels.page_out import page_out, safetensors_mappings
 
 
 def picture(seed: int) -> np.ndarray:

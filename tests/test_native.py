@@ -1,4 +1,4 @@
-"""The native decode kernels (phi3v.native) against float32 references, their fallbacks, and the
+"""The native decode kernels (phi3v.kernels.native) against float32 references, their fallbacks, and the
 layers that use them.  Tolerances: inputs are bf16 and products are exact in fp32, so a float32
 result differs from the reference only by accumulation order (~K * 2^-24 of the sum of |terms|);
 a bf16 result adds one rounding (2^-8 relative)."""
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3v import native
-from phi3v.linear import DecodeLinear
-from phi3v.quantize import (QuantConfig, WeightOnlyInt4Linear, WeightOnlyInt8Linear, dequantize_int4,
+from phi3v.kernels import native
+from phi3v.kernels.decode_linear import DecodeLinear
+from phi3v.quant.layers import (QuantConfig, WeightOnlyInt4Linear, WeightOnlyInt8Linear, dequantize_int4,
                             quantize_int4, quantize_int8, quantize_linear)
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
@@ -97,7 +97,7 @@ def test_gemv_int4_matches_float64(rows, group, isa):
 @pytest.mark.parametrize("length", [1, 17, 300])
 @pytest.mark.parametrize("head_dim", [96, 16, 40])  # Phi-3's, the tiny models', one with a tail
 def test_decode_attention_matches_float64(length, head_dim, isa):
-    from phi3v.decoder import decode_attention
+    from phi3v.engine.decoder import decode_attention
 
     g = torch.Generator().manual_seed(length + head_dim)
     B, H, KVH, cap = 2, 4, 2, 320  # grouped heads: query heads 0,1 read key/value head 0
@@ -228,8 +228,8 @@ def test_batched_bf16_decode_hides_each_rows_padding(tiny_model_dir, monkeypatch
     """A left-padded bf16 batch decodes through the native kernel with the key-padding mask and
     gives each row the logits of its own single run (to bf16 precision)."""
     import phi3v
-    from phi3v.batched import BatchRow, PaddedBatch
-    from phi3v.generate import decode_step, prefill
+    from phi3v.engine.batched import BatchRow, PaddedBatch
+    from phi3v.engine.generate import decode_step, prefill
     from phi3v.options import GenerationOptions
 
     model = phi3v.load(str(tiny_model_dir), device="cpu", dtype="bfloat16", progress=False,

@@ -25,8 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import phi3v
-from phi3v.generate import GenerationState, generate_ids
-from phi3v.image import crop_grid, preprocess
+from phi3v.engine.generate import GenerationState, generate_ids
+from phi3v.engine.image import crop_grid, preprocess
 from phi3v.options import GenerationOptions
 from phi3v.testing import make_tiny_checkpoint
 

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization (phi3v.quantize, phi3v.quant_checkpoint, `phi3v quantize`).
+"""Weight-only int8 / int4 quantization (phi3v.quant.layers, phi3v.quant.checkpoint, `phi3v quantize`).
 
 Accuracy is measured against the float32 model on the golden tiny checkpoint (random weights,
 so top-1 margins are small and the bounds are loose but far from chance = 1/32064):
@@ -18,8 +18,8 @@ from torch import nn
 
 import phi3v
 from phi3v.errors import CheckpointError, Phi3VError
-from phi3v.quant_checkpoint import quantize_checkpoint, save_quantized
-from phi3v.quantize import (CONFIG_KEY, PREFILL_ROWS, QuantConfig, WeightOnlyInt4Linear, WeightOnlyInt8Linear,
+from phi3v.quant.checkpoint import quantize_checkpoint, save_quantized
+from phi3v.quant.layers import (CONFIG_KEY, PREFILL_ROWS, QuantConfig, WeightOnlyInt4Linear, WeightOnlyInt8Linear,
                             dequantize_int4, dequantize_int8, pack_nibbles, quantize_int4, quantize_int8,
                             quantize_linear, unpack_nibbles)
 
@@ -129,7 +129,7 @@ def test_quantized_logits_close_to_float32(scheme, dtype, prompt_ids, reference_
 def test_cached_decode_agrees_with_uncached_forward():
     """Decode (one row: the int4 kernel) and the full forward of >= PREFILL_ROWS tokens (dequantize
     + GEMM) agree."""
-    from phi3v.generate import GenerationState, generate_ids
+    from phi3v.engine.generate import GenerationState, generate_ids
     from phi3v.options import GenerationOptions
 
     model = _load(GOLDEN, dtype="float32", quantize="int4")
@@ -159,7 +159,7 @@ def test_vision_quantization_on_request(prompt_ids):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantize_cli_checkpoint_loads_directly_with_identical_logits(tmp_path, scheme, prompt_ids):
-    from phi3v.quantize_cli import main
+    from phi3v.cli.quantize import main
 
     out = tmp_path / f"tiny-{scheme}"
     assert main([str(GOLDEN), str(out), "--scheme", scheme, "--quiet"]) == 0

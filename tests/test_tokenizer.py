@@ -1,4 +1,4 @@
-"""phi3v.tokenizer against the reference ids and texts (spec §8.2-§8.6, golden model cases).
+"""phi3v.engine.tokenizer against the reference ids and texts (spec §8.2-§8.6, golden model cases).
 
 The tokenizer is the real Phi-3-vision tokenizer.json (bundled in src/phi3v/assets/tokenizer, the same
 files as the golden tiny models). Golden cases come from tests/golden or $PHI3V_GOLDEN_DIR.
@@ -14,7 +14,7 @@ import pytest
 
 from golden_cases import golden_dir, load_cases, load_index
 from phi3v.errors import CheckpointError
-from phi3v.tokenizer import Tokenizer
+from phi3v.engine.tokenizer import Tokenizer
 
 ASSET_DIR = pathlib.Path(__file__).resolve().parent.parent / "src" / "phi3v" / "assets" / "tokenizer"
 MODEL_CASES = load_cases("model_cases")

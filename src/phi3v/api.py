@@ -17,22 +17,22 @@ from typing import Any
 
 import torch
 
-from . import chat as chat_format
-from .batched import BatchRow, BatchStream
-from .checkpoint import load_weights, resolve_model_dir
-from .config import ROPE_SWITCH_POLICIES, Phi3VConfig
-from .decoder import LongRoPE
+from .engine import chat_template as chat_format
+from .engine.batched import BatchRow, BatchStream
+from .engine.checkpoint import load_weights, resolve_model_dir
+from .engine.config import ROPE_SWITCH_POLICIES, Phi3VConfig
+from .engine.decoder import LongRoPE
 from .errors import DeviceError, Phi3VError, PromptTooLongError, TooManyImagesError
-from .feature_cache import ImageFeatureCache, decoded_image_key, image_keys
-from .generate import GenerationState, TextAssembler, generate_ids
-from .image import ImageBatch, ImageSourcePolicy, open_image, preprocess
-from .model import Phi3VForCausalLM
+from .engine.feature_cache import ImageFeatureCache, decoded_image_key, image_keys
+from .engine.generate import GenerationState, TextAssembler, generate_ids
+from .engine.image import ImageBatch, ImageSourcePolicy, open_image, preprocess
+from .engine.model import Phi3VForCausalLM
 from .options import GenerationOptions
-from .page_out import page_out
-from .prefix_cache import RetainedConversation, reusable_prefix
+from .kernels.page_out import page_out
+from .engine.prefix_cache import RetainedConversation, reusable_prefix
 from .results import Completion, Timings, Usage
-from .tokenizer import Tokenizer
-from .vision import unused_vision_keys
+from .engine.tokenizer import Tokenizer
+from .engine.vision import unused_vision_keys
 
 QUANTIZATION_KEY = "phi3v_quantization"  # config.json key of a quantized checkpoint (see quantize.py)
 
@@ -157,9 +157,9 @@ class Phi3V:
         image_cache_mb: byte budget of the image caches (preprocessed pixels and features; 0 = off). prefix_cache: keep the
         last conversation's KV cache so a follow-up that extends it prefills only the new tokens.
         quantize: None | "int8" | "int4" (| "int4:GROUP") quantizes the decoder's linear layers while
-        loading (phi3v.quantize); a checkpoint written by `phi3v quantize` loads quantized as it is.
+        loading (phi3v.quant.layers); a checkpoint written by `phi3v quantize` loads quantized as it is.
         low_memory: after each image encoding on the CPU, hand the vision tower's memory-mapped
-        weight pages back to the OS (phi3v.page_out; ~0.58 GiB less resident while the decoder runs,
+        weight pages back to the OS (phi3v.kernels.page_out; ~0.58 GiB less resident while the decoder runs,
         re-read from the page cache at the next image). None = on for quantized models.
         """
         dev = resolve_device(device)
@@ -172,7 +172,7 @@ class Phi3V:
             cfg.rope_switch = rope_switch
         tokenizer = Tokenizer.from_dir(model_dir)
         if quantize is not None or QUANTIZATION_KEY in cfg.raw:
-            from .quant_checkpoint import load_quantized_module
+            from .quant.checkpoint import load_quantized_module
 
             module = load_quantized_module(cfg, model_dir, dtype=dt, device=dev, requested=quantize)
         else:

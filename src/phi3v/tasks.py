@@ -8,7 +8,7 @@ changed once and shows up everywhere (`phi3v describe --show-prompt` prints it).
     TASKS["table"].formats                -> ("markdown", "csv", "json")
 
 The prompts are plain user text: the chat template and the <|image_k|> tags for the images
-are added by the model (phi3v.chat), so a prompt never mentions tags itself.
+are added by the model (phi3v.engine.chat_template), so a prompt never mentions tags itself.
 """
 
 from __future__ import annotations

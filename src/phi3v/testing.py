@@ -33,7 +33,7 @@ from typing import Iterator, Mapping
 import torch
 from safetensors.torch import save_file
 
-from .config import CLIP_MEAN, CLIP_STD
+from .engine.config import CLIP_MEAN, CLIP_STD
 
 STYLES = ("phi3v", "phi35v")
 

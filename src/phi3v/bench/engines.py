@@ -62,14 +62,14 @@ class PhiEngine:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> None:
-        from ..generate import prefill
+        from ..engine.generate import prefill
 
         cache = self.module.new_cache()
         prefill(self.module, self.module.embed(torch.tensor(ids)), 0, cache)
 
     @torch.inference_mode()
     def decode_times(self, prompt_ids: list[int], n: int, context: int = 0) -> list[float]:
-        from ..generate import GenerationState, generate_ids
+        from ..engine.generate import GenerationState, generate_ids
 
         cache = self.module.new_cache()
         if context:
@@ -104,9 +104,9 @@ class TransformersEngine:
         import transformers
         from safetensors import safe_open
 
-        from ..checkpoint import checkpoint_files
-        from ..config import Phi3VConfig
-        from ..tokenizer import Tokenizer
+        from ..engine.checkpoint import checkpoint_files
+        from ..engine.config import Phi3VConfig
+        from ..engine.tokenizer import Tokenizer
 
         cfg = Phi3VConfig.from_dir(self.model_dir)
         raw = cfg.raw
@@ -187,8 +187,8 @@ class TransformersEngine:
 
     # -- text ------------------------------------------------------------------------------------
     def _embeds(self, messages: list[dict], num_crops: int) -> torch.Tensor:
-        from ..chat import build_input_ids, render_messages
-        from ..image import open_image, preprocess
+        from ..engine.chat_template import build_input_ids, render_messages
+        from ..engine.image import open_image, preprocess
 
         prompt, sources = render_messages(messages)
         pre = self.cfg.preprocessor

@@ -37,7 +37,7 @@ def default_data_dir() -> Path:
 def ensure_checkpoint(model: str | None, data_dir: Path, log) -> Path:
     """The given checkpoint (folder or hub id), or a random full-size one made once in data_dir."""
     if model:
-        from ..checkpoint import resolve_model_dir
+        from ..engine.checkpoint import resolve_model_dir
 
         return resolve_model_dir(model)
     folder = data_dir / RANDOM_NAME
@@ -54,7 +54,7 @@ def ensure_checkpoint(model: str | None, data_dir: Path, log) -> Path:
 
 def ensure_quantized(source: Path, scheme: str, data_dir: Path, log) -> tuple[Path, float | None]:
     """A quantized copy of `source` in data_dir (written once); returns (folder, seconds it took or None)."""
-    from ..quant_checkpoint import quantize_checkpoint
+    from ..quant.checkpoint import quantize_checkpoint
 
     folder = data_dir / f"{source.name}-{scheme}"
     if (folder / "config.json").is_file():
@@ -73,12 +73,12 @@ def ensure_quantized(source: Path, scheme: str, data_dir: Path, log) -> tuple[Pa
 
 def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     """Memory read bandwidth over a buffer far larger than the caches (median of `repeats`): the
-    faster of a float32 torch.sum and, where phi3v.native is built, its one-row bf16 product (which
+    faster of a float32 torch.sum and, where phi3v.kernels.native is built, its one-row bf16 product (which
     streams closer to the hardware's limit than torch.sum on AVX-512 CPUs).  The buffers hold random
     values: pages of identical contents can be merged by the host (KSM), and reading them then
     measures a cache, not memory (one run here reported 53 GB/s that way, against ~30 measured
     with random data)."""
-    from .. import native
+    from ..kernels import native
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def weight_counts(model_dir: Path, group_size: int = 128) -> dict:
-    from ..config import Phi3VConfig
+    from ..engine.config import Phi3VConfig
 
     t = Phi3VConfig.from_dir(model_dir).text
     qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim

@@ -72,7 +72,7 @@ def _rate(times: list[float]) -> float:
 
 def run_plan(engine, plan: Plan, log=print) -> dict[str, list[float]]:
     """Every metric's samples, in the order they are run."""
-    from ..image import preprocess
+    from ..engine.image import preprocess
 
     out: dict[str, list[float]] = {}
 

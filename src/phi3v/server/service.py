@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from .. import __version__
 from ..errors import Phi3VError, PromptTooLongError
-from ..image import ImageSourcePolicy
+from ..engine.image import ImageSourcePolicy
 from ..options import GenerationOptions
 from .api_errors import APIError, context_length_error, from_phi3v_error, internal_error
 from .engine_worker import EngineWorker, GenerationJob, QueueFullError

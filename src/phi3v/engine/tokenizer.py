@@ -23,7 +23,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _REPLACEMENT = "\ufffd"  # what byte fallback produces for an incomplete / invalid UTF-8 byte run
 

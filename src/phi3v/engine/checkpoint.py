@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError, ModelNotFoundError
 
 SUPPORTED_HUB_MODELS = ("microsoft/Phi-3-vision-128k-instruct", "microsoft/Phi-3.5-vision-instruct")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import Phi3VError, PromptError
+from ..errors import Phi3VError, PromptError
 
 # Files a folder or glob input picks up (case-insensitive); everything else is ignored.
 IMAGE_SUFFIXES = frozenset(
@@ -205,7 +205,7 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
     ocr and table take one).  A record whose prompt cannot be made becomes a Job with `error`
     set: it is reported in the output like any other failed record.
     """
-    from .tasks import check_image_count
+    from ..tasks import check_image_count
 
     jobs = []
     for r in records:
@@ -231,6 +231,6 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
 
 
 def _task_prompt(task: str, fmt: str | None) -> str:
-    from .tasks import task_prompt  # the CLI's task presets (describe, ocr, table, compare, ask)
+    from ..tasks import task_prompt  # the CLI's task presets (describe, ocr, table, compare, ask)
 
     return task_prompt(task, fmt)

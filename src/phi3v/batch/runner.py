@@ -1,7 +1,7 @@
 """Resumable batch jobs: run one prompt (or a task) over many images, results to JSONL.
 
     import phi3v
-    from phi3v.batch import run_batch
+    from phi3v.batch.runner import run_batch
 
     model = phi3v.load("microsoft/Phi-3-vision-128k-instruct")
     job = run_batch("receipts/", model, task="ocr", out="receipts.jsonl", max_new_tokens=256)
@@ -10,11 +10,11 @@
     print(job.stats)                   # done / errors / skipped / records per second
 
 Pieces (one job each):
-  batch_records.py   input discovery (folder, glob, JSONL) -> Records -> Jobs (final prompts)
-  batch_store.py     the output JSONL: crash-safe appends, resume (done ids), a lock
-  batch.py           the local runner (preprocessing threads ahead of the model) and run_batch
-  batch_ray.py       the same jobs on a Ray cluster (Ray Data map_batches over model actors)
-  batch_cli.py       `phi3v batch`
+  records.py     input discovery (folder, glob, JSONL) -> Records -> Jobs (final prompts)
+  store.py       the output JSONL: crash-safe appends, resume (done ids), a lock
+  runner.py      the local runner (preprocessing threads ahead of the model) and run_batch
+  ray_runner.py  the same jobs on a Ray cluster (Ray Data map_batches over model actors)
+  ../cli/batch.py  `phi3v batch`
 
 The local runner keeps the model busy: a small thread pool runs `model.prepare` (image decoding,
 HD transform, tokenization) a few records ahead while the calling thread runs generation, one
@@ -33,10 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from .batch_records import Job, Record, discover, resolve_jobs
-from .batch_store import ResultStore, done_ids, read_results
-from .errors import Phi3VError
-from .options import GenerationOptions
+from .records import Job, Record, discover, resolve_jobs
+from .store import ResultStore, done_ids, read_results
+from ..errors import Phi3VError
+from ..options import GenerationOptions
 
 RESULT_KEYS = ("id", "images", "task", "prompt", "text", "finish_reason", "usage", "timings", "error")
 
@@ -290,7 +290,7 @@ def load_jobs(input, *, task: str | None = None, prompt: str | None = None,
         records = discover(input).records
     else:
         records = [_record_from(item, n) for n, item in enumerate(input, start=1)]
-        from .batch_records import check_unique_ids
+        from .records import check_unique_ids
 
         check_unique_ids(records)
     return resolve_jobs(records, task=task, prompt=prompt, fmt=fmt)
@@ -302,7 +302,7 @@ def _record_from(item, n: int) -> Record:
     if isinstance(item, dict):
         from pathlib import Path
 
-        from .batch_records import _jsonl_record
+        from .records import _jsonl_record
 
         return _jsonl_record(item, f"record {n}", n, Path.cwd())
     raise Phi3VError(f"batch record {n}: expected a dict or Record, got {type(item).__name__}")
@@ -337,7 +337,7 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
     jobs = load_jobs(input, task=task, prompt=prompt, fmt=fmt)
 
     if ray is not None and ray is not False:
-        from .batch_ray import ray_runner
+        from .ray_runner import ray_runner
 
         runner = ray_runner(model, address=None if ray is True else ray, device=device,
                             dtype=dtype, options=gen_options, batch_size=batch_size,

@@ -27,7 +27,7 @@ EPILOG = """examples:
 def register(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     extra = {}
     try:  # the main CLI's formatter keeps the examples' layout
-        from ..cli import HelpFormatter
+        from .main import HelpFormatter
 
         extra["formatter_class"] = HelpFormatter
     except ImportError:
@@ -63,7 +63,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    from .settings import ServerSettings
+    from ..server.settings import ServerSettings
 
     return ServerSettings(
         api_key=args.api_key or None,
@@ -78,7 +78,7 @@ def settings_from_args(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from . import create_app
+    from ..server import create_app
 
     settings = settings_from_args(args)
     if not _is_loopback(args.host) and settings.api_key is None:
@@ -97,7 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _load(args):
     try:
-        from ..cli import load_model_from_args  # same loading (dtype "auto", progress rules) as the CLI
+        from .main import load_model_from_args  # same loading (dtype "auto", progress rules) as the CLI
     except ImportError:
         import phi3v
 
@@ -109,7 +109,7 @@ def _load(args):
 def main(argv=None) -> int:
     """`python -m phi3v.server`: the serve subcommand on its own (through the main CLI when present)."""
     try:
-        from ..cli import main as cli_main
+        from .main import main as cli_main
     except ImportError:
         return _standalone_main(argv)
     return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])

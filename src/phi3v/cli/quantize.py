@@ -27,7 +27,7 @@ examples:
 
 
 def register(subparsers, common) -> None:
-    from . import cli
+    from . import main as cli
 
     p = subparsers.add_parser("quantize", help="write an int8 / int4 weight-only quantized checkpoint",
                               description=__doc__.split("\n\n")[0], epilog=EPILOG,
@@ -50,11 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import resolve_model_dir
-    from .cli_output import note
-    from .errors import Phi3VError
-    from .quant_checkpoint import quantize_checkpoint
-    from .quantize import QuantConfig
+    from ..engine.checkpoint import resolve_model_dir
+    from .output import note
+    from ..errors import Phi3VError
+    from ..quant.checkpoint import quantize_checkpoint
+    from ..quant.layers import QuantConfig
 
     if args.scheme == "int8" and args.group_size is not None:
         raise Phi3VError("--group-size applies to int4 only (int8 is per output channel)")
@@ -81,7 +81,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import run_with_errors
+    from .main import run_with_errors
 
     p = argparse.ArgumentParser(prog="phi3v quantize", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

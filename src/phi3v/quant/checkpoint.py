@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import INDEX_FILE, checkpoint_files, load_weights
-from .config import Phi3VConfig
-from .decoder import LongRoPE
-from .errors import CheckpointError, Phi3VError
-from .model import Phi3VForCausalLM
-from .quantize import (CONFIG_KEY, QuantConfig, checkpoint_quantization, new_quantized_linear,
+from ..engine.checkpoint import INDEX_FILE, checkpoint_files, load_weights
+from ..engine.config import Phi3VConfig
+from ..engine.decoder import LongRoPE
+from ..errors import CheckpointError, Phi3VError
+from ..engine.model import Phi3VForCausalLM
+from .layers import (CONFIG_KEY, QuantConfig, checkpoint_quantization, new_quantized_linear,
                        portable_tensors, quantize_weight, quantized_layers, set_submodule,
                        target_linear_names)
-from .vision import unused_vision_keys
+from ..engine.vision import unused_vision_keys
 
 SHARD_BYTES = 2 * 2**30  # largest shard written
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

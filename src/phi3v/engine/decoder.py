@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from ..kernels import native
 from .config import TextConfig
-from .linear import DecodeLinear
+from ..kernels.decode_linear import DecodeLinear
 
 
 class RMSNorm(nn.Module):
@@ -130,7 +130,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     would make CPU matmul copy the strided views every step, and SDPA's CPU kernels are built for
     many queries: this is ~5x faster for one query over 2k keys. Returns (B, H, 1, D).
     """
-    if q.dtype == torch.bfloat16:  # the native kernel (phi3v.native), when built: ~7-20x faster
+    if q.dtype == torch.bfloat16:  # the native kernel (phi3v.kernels.native), when built: ~7-20x faster
         out = native.decode_attention(q, k_buf, v_buf, length)
         if out is not None:
             return out

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import Phi3VConfig
 from .decoder import DecoderLayer, KVCache, LongRoPE, RMSNorm
-from .linear import DecodeLinear
+from ..kernels.decode_linear import DecodeLinear
 from .vision import ImageEmbedding
 
 

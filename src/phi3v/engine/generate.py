@@ -15,7 +15,7 @@ import torch
 
 from .decoder import build_attention_mask
 from .model import Phi3VForCausalLM
-from .options import GenerationOptions
+from ..options import GenerationOptions
 
 
 # -- sampling -------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Subcommands here: describe, ocr, table, compare, ask, chat, download, info.
 
 How other parts add subcommands
 -------------------------------
-`build_parser()` imports each module of PLUGIN_MODULES (phi3v.server.cli, phi3v.batch_cli,
-phi3v.quantize_cli, phi3v.bench_cli) and calls its
+`build_parser()` imports each module of PLUGIN_MODULES (phi3v.cli.serve, phi3v.cli.batch,
+phi3v.cli.quantize, phi3v.cli.bench) and calls its
 
     register(subparsers, common)
 
@@ -41,8 +41,8 @@ import re
 import sys
 import time
 
-from . import tasks as _tasks
-from .cli_output import (
+from .. import tasks as _tasks
+from .output import (
     Spinner,
     finish_answer,
     format_timings,
@@ -52,7 +52,7 @@ from .cli_output import (
     print_json,
     write_answer_delta,
 )
-from .errors import (
+from ..errors import (
     CheckpointError,
     DeviceError,
     ImageError,
@@ -63,7 +63,7 @@ from .errors import (
     TooManyImagesError,
 )
 
-PLUGIN_MODULES = ("phi3v.server.cli", "phi3v.batch_cli", "phi3v.quantize_cli", "phi3v.bench_cli")
+PLUGIN_MODULES = ("phi3v.cli.serve", "phi3v.cli.batch", "phi3v.cli.quantize", "phi3v.cli.bench")
 MODEL_ENV = "PHI3V_MODEL"
 
 
@@ -114,7 +114,7 @@ def _device(text: str) -> str:
 
 def common_parent() -> argparse.ArgumentParser:
     """--model, --device, --dtype, --num-crops: the options every model subcommand shares."""
-    from . import DEFAULT_MODEL
+    from .. import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
@@ -167,7 +167,7 @@ def generation_parent() -> argparse.ArgumentParser:
 
 def options_from_args(args):
     """GenerationOptions from the parsed generation + common options."""
-    from .options import GenerationOptions
+    from ..options import GenerationOptions
 
     return GenerationOptions(
         max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -188,7 +188,7 @@ def load_model_from_args(args):
     """
     import phi3v
 
-    from .checkpoint import resolve_model_dir
+    from ..engine.checkpoint import resolve_model_dir
 
     dtype = None if args.dtype in (None, "auto") else args.dtype
     show = not getattr(args, "quiet", False) and is_tty(sys.stderr)
@@ -279,7 +279,7 @@ def _too_long_hint(err: PromptTooLongError, images, max_new_tokens: int, num_cro
     The engine shortens the answer to the room left, so "fits" means: the prompt plus the
     requested --max-tokens if possible, else the prompt plus at least one new token.
     """
-    from .image import num_image_tokens
+    from ..engine.image import num_image_tokens
 
     text_tokens = err.prompt_tokens - err.image_tokens
     if not images:
@@ -397,7 +397,7 @@ def _task_prompt(args) -> str:
 
 def cmd_task(args) -> int:
     """describe / ocr / table / compare / ask: one answer about the images."""
-    from .cli_images import open_cli_images
+    from .images import open_cli_images
 
     prompt = _task_prompt(args)
     if args.show_prompt:
@@ -412,8 +412,8 @@ def cmd_task(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .cli_chat import run_chat
-    from .cli_images import open_cli_images
+    from .chat import run_chat
+    from .images import open_cli_images
 
     if "-" in args.images:
         raise ImageError("chat reads questions from stdin, so \"-\" cannot be an image; give a file name")
@@ -425,7 +425,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .checkpoint import resolve_model_dir
+    from ..engine.checkpoint import resolve_model_dir
 
     progress = not args.quiet and is_tty(sys.stderr)
     folder = resolve_model_dir(args.model_name or args.model, progress=progress, revision=args.revision)
@@ -434,7 +434,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .cli_info import run_info
+    from .info import run_info
 
     return run_info(args)
 
@@ -510,7 +510,7 @@ def _add_task_command(sub, name: str, common, output, generation, image_help: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="phi3v", description="Ask Phi-3-Vision / Phi-3.5-Vision about images, from a terminal.",
@@ -573,7 +573,7 @@ def _register_plugins(sub, common) -> None:
 
 
 def _plugin_warning(name: str, err: Exception) -> None:
-    from .cli_output import style
+    from .output import style
 
     print(f"{style('phi3v: warning:', 'yellow')} the commands of {name} are unavailable: "
           f"{type(err).__name__}: {err}", file=sys.stderr)

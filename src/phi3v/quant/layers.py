@@ -18,7 +18,7 @@ without them -> torch's _weight_int4pack_mm_for_cpu layout; CUDA int4 -> tinygem
 _weight_int4pack_mm layout.  `portable()` gives the checkpoint form back.
 
 Kernels (activations (M, K)):
-  CPU, native (phi3v.native, AVX-512 BF16 or AVX2), M <= native.MAX_ROWS: gemv_int8 (fp32
+  CPU, native (phi3v.kernels.native, AVX-512 BF16 or AVX2), M <= native.MAX_ROWS: gemv_int8 (fp32
              activations) and gemv_int4 (bf16 activations); these stream the weight at memory speed
   int8 CPU   else torch._weight_int8pack_mm with bf16 activations (its fp32 path is a slow scalar
              loop, so fp32 inputs are rounded to bf16 for the kernel and the result cast back)
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .errors import CheckpointError, Phi3VError
+from ..kernels import native
+from ..errors import CheckpointError, Phi3VError
 
 SCHEMES = ("int8", "int4")
 CONFIG_KEY = "phi3v_quantization"  # config.json key of a quantized checkpoint
@@ -236,7 +236,7 @@ class WeightOnlyInt8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         self._kernel_scales = None  # scales in the kernel's dtype (bf16 on CPU)
-        self._native_scales = None  # float32 scales for phi3v.native (CPU with the native kernels)
+        self._native_scales = None  # float32 scales for phi3v.kernels.native (CPU with the native kernels)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "WeightOnlyInt8Linear":

@@ -9,7 +9,7 @@ Lines typed are questions; the answer streams back. Commands:
 
 The history is a list of turns holding the opened images, so each question re-sends the whole
 conversation to model.stream(messages) with the image parts as PIL images; /save writes the
-images as {"type": "image", "image": "<absolute path or URL>"} parts, which phi3v.chat accepts.
+images as {"type": "image", "image": "<absolute path or URL>"} parts, which phi3v.engine.chat_template accepts.
 A question that fails (too long for the context, bad image) is not added to the history.
 """
 
@@ -20,9 +20,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .cli_images import CliImage, is_url, open_cli_image
-from .cli_output import format_timings, is_tty, note, print_error, style
-from .errors import ImageError, Phi3VError
+from .images import CliImage, is_url, open_cli_image
+from .output import format_timings, is_tty, note, print_error, style
+from ..errors import ImageError, Phi3VError
 
 HELP = """commands:
   /image PATH   attach an image (file or http(s) URL) to the next question
@@ -101,7 +101,7 @@ def _read_line(prompt: str, interactive: bool) -> str:
 def run_chat(args, model, options, stream_answer) -> int:
     """The read-answer loop. `stream_answer(model, source, options, images, args)` streams one answer."""
     # cli imports this module lazily, so importing it here makes no import cycle
-    from .cli import hint_for
+    from .main import hint_for
 
     interactive = is_tty(sys.stdin)
     if interactive:

@@ -2,7 +2,7 @@
 
 Every image is opened (and so validated) before the model is loaded, so a typo in a path
 fails in a fraction of a second rather than after the weights are read. Opening goes through
-phi3v.image.open_image, which applies the EXIF orientation, takes the first frame of an
+phi3v.engine.image.open_image, which applies the EXIF orientation, takes the first frame of an
 animation and enforces the URL timeout and size cap of the policy.
 """
 
@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImageError
+from ..errors import ImageError
 
 URL_TIMEOUT_S = 15.0
 URL_MAX_BYTES = 50 * 2**20
@@ -56,7 +56,7 @@ def is_url(source: str) -> bool:
 
 def cli_policy():
     """Who may load what from the command line: local files and remote URLs (with limits)."""
-    from .image import ImageSourcePolicy
+    from ..engine.image import ImageSourcePolicy
 
     return ImageSourcePolicy(allow_paths=True, allow_remote=True,
                              timeout_s=URL_TIMEOUT_S, max_bytes=URL_MAX_BYTES)
@@ -75,7 +75,7 @@ def open_cli_image(source: str, stdin_bytes: bytes | None = None) -> CliImage:
             _check_local_file(source)
             payload = Path(source).expanduser()  # a Path: never mistaken for base64 text
     # imported after the cheap checks: a wrong path fails before torch loads
-    from .image import open_image
+    from ..engine.image import open_image
 
     try:
         image = open_image(payload, cli_policy())

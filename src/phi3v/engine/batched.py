@@ -20,8 +20,8 @@ import torch
 from .decoder import build_attention_mask
 from .generate import Sampler, TextAssembler
 from .model import Phi3VForCausalLM
-from .options import GenerationOptions
-from .results import Completion, Timings, Usage
+from ..options import GenerationOptions
+from ..results import Completion, Timings, Usage
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`phi3v info IMAGE…`: what an image costs and what the model needs, without loading weights.
 
 For each image: its size (EXIF orientation applied), and for each --num-crops value the HD
-crop grid and the number of image tokens (phi3v.image.crop_grid / num_image_tokens).
+crop grid and the number of image tokens (phi3v.engine.image.crop_grid / num_image_tokens).
 For the model: the parameter count computed from config.json (a local folder or a hub id
 already in the Hugging Face cache; nothing is downloaded), or from the known real
 Phi-3-vision configuration when neither is available, and the memory the weights and the
@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 # The sizes that matter of the real configs (both models share them), used when no config
 # file is at hand. The CLIP tower is not described in the real config.json: it is ViT-L/14-336.
@@ -129,7 +129,7 @@ def model_info(model: str, dtype: str, device: str) -> dict:
 
 
 def image_info(label: str, image, crops: list[int], fmt: str | None = None) -> dict:
-    from .image import crop_grid, num_image_tokens
+    from ..engine.image import crop_grid, num_image_tokens
 
     w, h = image.size
     rows = []
@@ -187,8 +187,8 @@ def format_info(images: list[dict], model: dict, chosen: int) -> str:
 
 
 def run_info(args) -> int:
-    from .cli_images import open_cli_images
-    from .cli_output import print_json
+    from .images import open_cli_images
+    from .output import print_json
 
     model = model_info(args.model, args.dtype, args.device)
     chosen = args.num_crops or model["default_num_crops"]

@@ -3,7 +3,7 @@
  *
  * Decode reads every weight once per token and does 1-8 multiply-adds with it, so it is bound by
  * memory bandwidth: these kernels stream each weight row once, keep the few input rows in cache,
- * and do the arithmetic in registers.  Built on first use by phi3v/native/__init__.py (cc -O3
+ * and do the arithmetic in registers.  Built on first use by phi3v/kernels/native/__init__.py (cc -O3
  * -mavx512bf16 -fopenmp) and called through ctypes; every entry point has a torch fallback there.
  *
  * Shapes (row-major, contiguous):  W (N, K) weight, X (M, K) inputs, Y (M, N) = X W^T.

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD
-from .errors import ImageError, Phi3VError
+from ..errors import ImageError, Phi3VError
 
 CROP_SIZE = 336  # CLIP ViT-L/14-336 input side; HD images have sides that are multiples of it
 TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12 feature vectors per crop
@@ -488,7 +488,7 @@ def preprocess(
         if not isinstance(image, Image.Image):
             raise ImageError(
                 f"preprocess expects PIL images; image {index + 1} is a {type(image).__name__} "
-                "(open it with phi3v.image.open_image first)"
+                "(open it with phi3v.engine.image.open_image first)"
             )
         hd = hd_transform(image, num_crops)
         _fill_crops(normalized_tensor(hd, mean, std), pixel_values[index])

@@ -2,7 +2,7 @@
 
 Same parameters and state-dict names as nn.Linear, so checkpoints load and the quantizer (which
 looks for nn.Linear) treats it as one.  For (rows <= NATIVE_ROWS, K) inputs with a bf16 weight on
-the CPU, phi3v.native.gemv_bf16 streams the weight once (for one token about 2.4x the bandwidth
+the CPU, phi3v.kernels.native.gemv_bf16 streams the weight once (for one token about 2.4x the bandwidth
 oneDNN's bf16 GEMM reaches on AVX-512 CPUs without AMX); every other call is F.linear.  Both accumulate
 the bf16 products in fp32; results agree to bf16 rounding.
 """

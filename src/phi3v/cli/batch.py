@@ -8,7 +8,7 @@
 Rerunning the same command resumes (records already in --out are skipped).  SIGTERM and Ctrl-C
 stop the job cleanly: finished records are all in --out, the summary says how far it got.
 Exit status: 0 all records succeeded, 1 some records failed (or the job could not start),
-130 interrupted.  cli.py registers this as a subcommand; `python -m phi3v.batch_cli` also runs it.
+130 interrupted.  cli.py registers this as a subcommand; `python -m phi3v.cli.batch` also runs it.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `batch` to the `phi3v` command; `common` holds --model/--device/--dtype/--num-crops."""
-    from .cli import HelpFormatter, output_parent  # --quiet (no progress bar), --verbose
+    from .main import HelpFormatter, output_parent  # --quiet (no progress bar), --verbose
 
     p = subparsers.add_parser("batch", parents=[common, output_parent()],
                               help="run a task or prompt over many images, results to JSONL",
@@ -107,9 +107,9 @@ def _raise_terminated(signum, frame):
 def run_command(args) -> int:
     from pathlib import Path
 
-    from .batch import run_batch
-    from .cli_images import cli_policy  # files and http(s) URLs, like the other subcommands
-    from .cli_output import print_error
+    from ..batch.runner import run_batch
+    from .images import cli_policy  # files and http(s) URLs, like the other subcommands
+    from .output import print_error
 
     if args.task is None and args.prompt is None and not str(args.input).lower().endswith(".jsonl"):
         print_error("give --task or --prompt (or a JSONL input whose records carry prompts)")
@@ -122,7 +122,7 @@ def run_command(args) -> int:
         return EXIT_ERRORS
     task = args.task or ("ask" if args.prompt is not None else None)
     use_ray = args.ray is not None
-    from .cli import load_model_from_args
+    from .main import load_model_from_args
 
     # Ray actors load their own copies; the driver needs none.  Locally the model is loaded
     # after the input has been read, so a wrong INPUT fails at once.
@@ -148,8 +148,8 @@ def run_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m phi3v.batch_cli ARGS` = `phi3v batch ARGS`."""
-    from .cli import main as cli_main
+    """`python -m phi3v.cli.batch ARGS` = `phi3v batch ARGS`."""
+    from .main import main as cli_main
 
     return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
 

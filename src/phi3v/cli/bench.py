@@ -23,7 +23,7 @@ examples:
 
 
 def register(subparsers, common) -> None:
-    from . import cli
+    from . import main as cli
 
     p = subparsers.add_parser("bench", help="benchmark phi3v against transformers on the same weights",
                               description=__doc__.split("\n\n")[0], epilog=EPILOG,
@@ -33,7 +33,7 @@ def register(subparsers, common) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .bench.runner import DEFAULT_VARIANTS, VARIANTS
+    from ..bench.runner import DEFAULT_VARIANTS, VARIANTS
 
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint folder or hub id (default: a random full-size checkpoint in --data-dir)")
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .bench.runner import run_benchmark
+    from ..bench.runner import run_benchmark
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -72,7 +72,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import run_with_errors
+    from .main import run_with_errors
 
     p = argparse.ArgumentParser(prog="phi3v bench", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

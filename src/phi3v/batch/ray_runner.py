@@ -24,10 +24,10 @@ import math
 import os
 from typing import Iterator
 
-from .batch import iter_job_results
-from .batch_records import Job
-from .errors import Phi3VError
-from .options import GenerationOptions
+from .runner import iter_job_results
+from .records import Job
+from ..errors import Phi3VError
+from ..options import GenerationOptions
 
 
 class ModelActor:

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import Phi3VError
+from ..errors import Phi3VError
 
 try:
     import fcntl

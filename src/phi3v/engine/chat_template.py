@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple, Sequence
 
-from .errors import PromptError
+from ..errors import PromptError
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")  # exact spelling used by the reference processor
 ROLES = ("system", "user", "assistant")

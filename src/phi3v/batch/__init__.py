@@ -1,0 +1,8 @@
+"""Batch jobs over files: records in, JSONL results out, resumable (see docs/batch.md).
+
+    from phi3v.batch import run_batch
+"""
+
+from .runner import iter_job_results, run_batch
+
+__all__ = ["iter_job_results", "run_batch"]
