@@ -3,13 +3,19 @@
 `Phi3VConfig.from_dir(path)` reads config.json, preprocessor_config.json and
 generation_config.json. The real checkpoints hard-code the CLIP ViT-L/14-336 tower; the tiny test
 checkpoints describe theirs under an extra `vision_config` key.
+
+Defaults: each setting has one default, the dataclass field's, and `from_dicts` falls back to it
+for a key missing from the json.  The values are those the reference config classes use for a
+missing key (spec §1.3, §1.5), so a checkpoint loads as the reference would load it: for example
+`max_position_embeddings` 4096 and `num_crops` 1.  The real checkpoints write their own values
+(131072; 16 for Phi-3-vision, 4 for Phi-3.5-vision), and those win.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -65,7 +71,7 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """Phi-3-mini decoder."""
+    """Phi-3-mini decoder. Defaults = the reference config class's (spec §1.3)."""
 
     vocab_size: int = 32064
     hidden_size: int = 3072
@@ -75,7 +81,8 @@ class TextConfig:
     num_key_value_heads: int = 32
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_position_embeddings: int = 131072
+    # The reference class default; every real config.json overrides it with 131072 (spec §1.1-1.3).
+    max_position_embeddings: int = 4096
     original_max_position_embeddings: int = 4096
     rope_short_factor: list[float] | None = None  # None => plain RoPE
     rope_long_factor: list[float] | None = None
@@ -83,6 +90,12 @@ class TextConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def uses_long_rope(self, seq_len: int) -> bool:
+        """The 4096 rule (spec §7.3): a sequence of `seq_len` tokens (cached + new, i.e. its largest
+        position + 1) is rotated with the long factors iff the model has them and seq_len exceeds
+        original_max_position_embeddings. The one place this rule is written."""
+        return self.rope_long_factor is not None and seq_len > self.original_max_position_embeddings
 
     @property
     def rope_mscale(self) -> float:
@@ -95,7 +108,10 @@ class TextConfig:
 
 @dataclass
 class PreprocessorConfig:
-    num_crops: int = 16
+    """preprocessor_config.json. Defaults = the reference image processor's for a missing key
+    (spec §1.5): num_crops 1 (the real files say 16 for Phi-3-vision, 4 for Phi-3.5-vision)."""
+
+    num_crops: int = 1
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
     num_img_tokens: int = 144
@@ -135,7 +151,8 @@ class Phi3VConfig:
         embd = raw.get("embd_layer", {})
         if isinstance(embd, dict) and embd.get("hd_transform_order", "sub_glb") != "sub_glb":
             raise CheckpointError("only embd_layer.hd_transform_order 'sub_glb' is supported")
-        heads = raw.get("num_attention_heads", 32)
+        text_defaults = _field_defaults(TextConfig)
+        heads = raw.get("num_attention_heads", text_defaults["num_attention_heads"])
         rope = raw.get("rope_scaling")
         short = long = None
         if rope:
@@ -143,17 +160,14 @@ class Phi3VConfig:
             if kind not in ("su", "longrope"):
                 raise CheckpointError(f"rope_scaling type {kind!r} is not supported (su/longrope only)")
             short, long = list(rope["short_factor"]), list(rope["long_factor"])
+        # Keys absent from config.json keep the field defaults; a null num_key_value_heads means
+        # "as many as the query heads" (the reference's rule, spec §1.3).
+        plain = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "rms_norm_eps",
+                 "rope_theta", "max_position_embeddings", "original_max_position_embeddings")
         text = TextConfig(
-            vocab_size=raw.get("vocab_size", 32064),
-            hidden_size=raw.get("hidden_size", 3072),
-            intermediate_size=raw.get("intermediate_size", 8192),
-            num_hidden_layers=raw.get("num_hidden_layers", 32),
+            **{k: raw[k] for k in plain if k in raw},
             num_attention_heads=heads,
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
-            rope_theta=raw.get("rope_theta", 10000.0),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            original_max_position_embeddings=raw.get("original_max_position_embeddings", 4096),
             rope_short_factor=short,
             rope_long_factor=long,
         )
@@ -165,11 +179,12 @@ class Phi3VConfig:
         vision = VisionConfig.from_dict(raw.get("vision_config"), layer_idx=img.get("layer_idx", -2))
         if img.get("type_feature", "patch") != "patch":
             raise CheckpointError("only img_processor.type_feature 'patch' is supported")
+        pre_defaults = _field_defaults(PreprocessorConfig)
         preprocessor = PreprocessorConfig(
-            num_crops=int(pre.get("num_crops", 1)),
-            image_mean=tuple(pre.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(pre.get("image_std", CLIP_STD)),
-            num_img_tokens=int(pre.get("num_img_tokens", img.get("num_img_tokens", 144))),
+            num_crops=int(pre.get("num_crops", pre_defaults["num_crops"])),
+            image_mean=tuple(pre.get("image_mean", pre_defaults["image_mean"])),
+            image_std=tuple(pre.get("image_std", pre_defaults["image_std"])),
+            num_img_tokens=int(pre.get("num_img_tokens", img.get("num_img_tokens", pre_defaults["num_img_tokens"]))),
         )
         family = detect_family(raw)
         return cls(
@@ -179,9 +194,14 @@ class Phi3VConfig:
             image_dim_out=img.get("image_dim_out", vision.hidden_size),
             family=family,
             rope_switch="recompute" if family == "phi35v" else "mixed",
-            bos_token_id=raw.get("bos_token_id", 1),
+            **({"bos_token_id": raw["bos_token_id"]} if "bos_token_id" in raw else {}),
             raw=raw,
         )
+
+
+def _field_defaults(cls) -> dict:
+    """name -> default of a config dataclass's fields that have one (the one place defaults live)."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
 def detect_family(raw: dict) -> str:

@@ -30,8 +30,8 @@ class RMSNorm(nn.Module):
 
 class LongRoPE(nn.Module):
     """LongRoPE ("su") rotary tables. The short/long factor set is chosen per row from that row's
-    largest position in the call: long iff max(position) + 1 > original_max_position_embeddings,
-    which is the reference rule for a single sequence (spec §7.3)."""
+    largest position in the call: long iff TextConfig.uses_long_rope(max(position) + 1), which is
+    the reference rule for a single sequence (spec §7.3)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -42,16 +42,19 @@ class LongRoPE(nn.Module):
         long = torch.tensor(cfg.rope_long_factor or [1.0] * (d // 2), dtype=torch.float32)
         self.register_buffer("inv_freq_short", 1.0 / (short * base), persistent=False)
         self.register_buffer("inv_freq_long", 1.0 / (long * base), persistent=False)
-        self.original_max = cfg.original_max_position_embeddings
+        self.uses_long_rope = cfg.uses_long_rope  # seq_len -> bool, the config's 4096 rule
         self.has_long = cfg.rope_long_factor is not None
         self.mscale = cfg.rope_mscale
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, L) int64 -> cos, sin (B, 1, L, D) in `dtype`, mscale included."""
-        use_long = (positions.amax(dim=1) + 1 > self.original_max) if self.has_long else None
         inv = self.inv_freq_short.expand(positions.shape[0], -1)  # (B, D/2)
-        if use_long is not None and bool(use_long.any()):
-            inv = torch.where(use_long[:, None], self.inv_freq_long, self.inv_freq_short)
+        if self.has_long:
+            # One host sync for the B (<= a few) row lengths, then the rule per row.
+            long_rows = [self.uses_long_rope(n) for n in (positions.amax(dim=1) + 1).tolist()]
+            if any(long_rows):
+                use_long = torch.tensor(long_rows, device=positions.device)  # (B,)
+                inv = torch.where(use_long[:, None], self.inv_freq_long, self.inv_freq_short)
         angles = positions.float()[:, :, None] * inv[:, None, :]  # (B, L, D/2) fp32
         emb = torch.cat((angles, angles), dim=-1)
         cos = (emb.cos() * self.mscale).to(dtype)[:, None]
