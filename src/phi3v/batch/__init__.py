@@ -3,6 +3,7 @@
     from phi3v.batch import run_batch
 """
 
-from .runner import iter_job_results, run_batch
+from .local_runner import iter_job_results
+from .runner import run_batch
 
 __all__ = ["iter_job_results", "run_batch"]

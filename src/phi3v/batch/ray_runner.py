@@ -6,7 +6,7 @@ The driver (this process) discovers the records and filters out those already in
 file (resume works exactly as in a local run), then builds a Ray dataset of the pending jobs
 (`ray.data.from_items`, one JSON string per row so records of any shape fit one column).
 `map_batches` runs `ModelActor`, a callable class: Ray starts a fixed pool of actors, each loads
-one copy of the model once and runs the local runner (`batch.iter_job_results`) on the batches it
+one copy of the model once and runs the local runner (`local_runner.iter_job_results`) on the batches it
 is given.  The driver streams the result rows back (`iter_rows`) and appends each to the same
 JSONL store as it arrives, so a killed driver loses only the records in flight.
 
@@ -24,7 +24,7 @@ import math
 import os
 from typing import Iterator
 
-from .runner import iter_job_results
+from .local_runner import iter_job_results
 from .records import Job
 from ..errors import Phi3VError
 from ..options import GenerationOptions

@@ -12,15 +12,13 @@
 Pieces (one job each):
   records.py     input discovery (folder, glob, JSONL) -> Records -> Jobs (final prompts)
   store.py       the output JSONL: crash-safe appends, resume (done ids), a lock
-  runner.py      the local runner (preprocessing threads ahead of the model) and run_batch
+  local_runner.py  jobs -> result dicts on one loaded model (preprocessing threads ahead of it)
   ray_runner.py  the same jobs on a Ray cluster (Ray Data map_batches over model actors)
+  runner.py      jobs with an output file (resume, progress, stats) and run_batch
   ../cli/batch.py  `phi3v batch`
 
-The local runner keeps the model busy: a small thread pool runs `model.prepare` (image decoding,
-HD transform, tokenization) a few records ahead while the calling thread runs generation, one
-record at a time or `batch_size` at a time through `model.generate_batch` when the engine has it.
-Results come out in input order.  A record that fails (bad image, prompt too long, ...) becomes a
-result with `error` set; the job goes on.
+A record that fails (bad image, prompt too long, ...) becomes a result with `error` set; the
+job goes on.
 """
 
 from __future__ import annotations
@@ -28,140 +26,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
+from .local_runner import RESULT_KEYS, iter_job_results  # noqa: F401  (RESULT_KEYS: re-exported)
+from .ray_runner import ray_runner
 from .records import Job, Record, discover, resolve_jobs
 from .store import ResultStore, done_ids, read_results
 from ..errors import Phi3VError
 from ..options import GenerationOptions
-
-RESULT_KEYS = ("id", "images", "task", "prompt", "text", "finish_reason", "usage", "timings", "error")
-
-
-# ------------------------------------------------------------------------------------------
-# Result records
-# ------------------------------------------------------------------------------------------
-
-
-def error_text(exc: BaseException) -> str:
-    """How an exception is written in a result's `error` field: 'ImageError: cannot open ...'."""
-    return f"{type(exc).__name__}: {exc}"
-
-
-def make_result(job: Job, *, completion=None, error: str | None = None,
-                preprocess_s: float = 0.0) -> dict:
-    """The output line of one record; `error` None on success, text/usage/timings None on error."""
-    result = {"id": job.id, "images": list(job.images), "task": job.task, "prompt": job.prompt,
-              "text": None, "finish_reason": None, "usage": None, "timings": None, "error": error}
-    if completion is not None:
-        result["text"] = completion.text
-        result["finish_reason"] = completion.finish_reason
-        result["usage"] = completion.usage.to_dict()
-        timings = completion.timings.to_dict()
-        if not timings.get("preprocess_s"):
-            # An engine that does not carry prepare()'s time into the completion: add ours.
-            timings["preprocess_s"] = preprocess_s
-        result["timings"] = timings
-    return result
-
-
-# ------------------------------------------------------------------------------------------
-# The local runner
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Prepared:
-    job: Job
-    prepared: object | None  # api.PreparedPrompt
-    error: str | None
-    seconds: float
-
-
-def _prepare(model, job: Job, num_crops: int | None, image_policy, system: str | None) -> _Prepared:
-    """Runs in a pool thread: decode images, build input ids.  Never raises."""
-    if job.error is not None:
-        return _Prepared(job, None, job.error, 0.0)
-    start = time.perf_counter()
-    kwargs = {"prompt": job.prompt, "images": list(job.sources), "num_crops": num_crops}
-    if system is not None:
-        kwargs["system"] = system
-    if image_policy is not None:
-        kwargs["image_policy"] = image_policy
-    try:
-        prepared = model.prepare(**kwargs)
-    except Exception as e:  # a bad record must not stop the job
-        return _Prepared(job, None, error_text(e), time.perf_counter() - start)
-    return _Prepared(job, prepared, None, time.perf_counter() - start)
-
-
-def _generate_group(model, group: list[_Prepared], options: GenerationOptions,
-                    batched: bool) -> list[dict]:
-    """Results of one group, in order; generate_batch when available, else one by one."""
-    results: dict[int, dict] = {}
-    for i, p in enumerate(group):
-        if p.error is not None:
-            results[i] = make_result(p.job, error=p.error, preprocess_s=p.seconds)
-    ok = [i for i, p in enumerate(group) if p.error is None]
-    if batched and len(ok) > 1:
-        try:
-            completions = model.generate_batch([group[i].prepared for i in ok], options)
-            for i, c in zip(ok, completions, strict=True):
-                results[i] = make_result(group[i].job, completion=c, preprocess_s=group[i].seconds)
-        except Exception:
-            pass  # retried one by one below, so one bad record cannot fail its whole batch
-    for i in ok:
-        if i in results:
-            continue
-        p = group[i]
-        try:
-            completion = model.generate(p.prepared, options)
-        except Exception as e:
-            results[i] = make_result(p.job, error=error_text(e), preprocess_s=p.seconds)
-        else:
-            results[i] = make_result(p.job, completion=completion, preprocess_s=p.seconds)
-    return [results[i] for i in range(len(group))]
-
-
-def iter_job_results(model, jobs: Iterable[Job], options: GenerationOptions, *,
-                     batch_size: int = 1, workers: int = 2, image_policy=None,
-                     system: str | None = None) -> Iterator[dict]:
-    """Result dicts for `jobs`, in order, preprocessing `workers` threads ahead of generation.
-
-    At most max(2*workers, 2*batch_size) records are prepared but not yet generated, which bounds
-    memory (a 16-crop image's pixel_values are ~23 MB in float32).
-    """
-    if batch_size < 1:
-        raise Phi3VError(f"batch_size must be >= 1, got {batch_size}")
-    workers = max(1, workers)
-    batched = batch_size > 1 and hasattr(model, "generate_batch")
-    lookahead = max(2 * workers, 2 * batch_size)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phi3v-prepare")
-    queue: deque = deque()
-    source = iter(jobs)
-
-    def top_up() -> None:
-        while len(queue) < lookahead:
-            job = next(source, None)
-            if job is None:
-                return
-            queue.append(pool.submit(_prepare, model, job, options.num_crops, image_policy,
-                                     system))
-
-    try:
-        top_up()
-        while queue:
-            futures = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-            top_up()  # the pool works on the next records while this group generates
-            group = [f.result() for f in futures]
-            yield from _generate_group(model, group, options, batched)
-    finally:
-        # Interrupted (Ctrl-C, generator closed): drop queued work, don't wait for it.
-        pool.shutdown(wait=False, cancel_futures=True)
-
 
 # ------------------------------------------------------------------------------------------
 # Jobs with an output file: resume, progress, stats
@@ -337,8 +210,6 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
     jobs = load_jobs(input, task=task, prompt=prompt, fmt=fmt)
 
     if ray is not None and ray is not False:
-        from .ray_runner import ray_runner
-
         runner = ray_runner(model, address=None if ray is True else ray, device=device,
                             dtype=dtype, options=gen_options, batch_size=batch_size,
                             workers=workers, num_actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
