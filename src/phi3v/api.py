@@ -253,13 +253,21 @@ class Phi3V:
         return PreparedPrompt(ids, batch, prompt_text, time.perf_counter() - t0, keys)
 
     def check_fits(self, prepared: PreparedPrompt, max_new_tokens: int = 1) -> None:
-        """Raise PromptTooLongError when the prompt leaves no room for a single new token."""
+        """Raise PromptTooLongError when prompt tokens + max_new_tokens exceed the context.
+
+        The default (1) asks only for room for one new token: that is what generation needs, as it
+        caps a larger max_new_tokens at the room left (finish_reason "length"). Callers that promise
+        the whole max_new_tokens, such as the server (OpenAI: prompt + max_tokens must fit), pass it.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise Phi3VError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         n = prepared.num_tokens
-        if n + 1 > self.context_length:
+        if n + max_new_tokens > self.context_length:
             img = prepared.image_tokens
             hint = f" ({img} of them for images: try a smaller num_crops)" if img else ""
+            asked = f" and {max_new_tokens} new tokens are asked for" if max_new_tokens > 1 else ""
             raise PromptTooLongError(
-                f"the prompt is {n} tokens{hint}, the model's context is {self.context_length} tokens",
+                f"the prompt is {n} tokens{hint}{asked}, the model's context is {self.context_length} tokens",
                 prompt_tokens=n, image_tokens=img, limit=self.context_length)
 
     def generate(self, prepared: PreparedPrompt, options: GenerationOptions | None = None) -> Completion:

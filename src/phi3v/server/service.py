@@ -149,10 +149,7 @@ class ChatService:
             # Default: up to default_max_tokens, less when the prompt leaves less room.
             room = limit - n_prompt
             options = GenerationOptions.from_kwargs(options, max_new_tokens=max(1, min(options.max_new_tokens, room)))
-        if n_prompt + options.max_new_tokens > limit:  # OpenAI rule: prompt + max_tokens must fit
-            raise context_length_error(prompt_tokens=n_prompt, image_tokens=_image_tokens(prepared),
-                                       max_new_tokens=options.max_new_tokens, context_length=limit)
-        try:
+        try:  # OpenAI rule: prompt + max_tokens must fit (check_fits counts both)
             self.model.check_fits(prepared, options.max_new_tokens)
         except PromptTooLongError as err:
             raise context_length_error(prompt_tokens=getattr(err, "prompt_tokens", n_prompt),
