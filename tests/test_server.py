@@ -6,6 +6,9 @@ model's text is meaningless but deterministic). Small images, num_crops 1, max_t
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
+
 import httpx
 import openai
 import pytest
@@ -190,6 +193,9 @@ def test_unknown_model_is_404(client):
     ("/etc/passwd", "invalid_image", "data: URI"),
     ("https://example.com/cat.png", "invalid_image", "--allow-remote-images"),
     ("data:text/plain;base64,aGVsbG8=", "invalid_image", "image/*"),
+    # percent-encoded data: URIs are refused, as open_image refuses them (one rule: docs/images.md)
+    ("data:image/png," + urllib.parse.quote_from_bytes(IMG_A), "invalid_image", "must be base64"),
+    ("data:image/png;base64,", "invalid_image", "no image data"),
 ])
 def test_bad_images_are_400(client, model_id, url, code, words):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -200,6 +206,20 @@ def test_bad_images_are_400(client, model_id, url, code, words):
     assert status == 400 and body["code"] == code and body["type"] == "invalid_request_error"
     assert words in body["message"]
     assert "Traceback" not in body["message"]
+
+
+def test_url_safe_base64_data_uri_is_accepted_like_open_image(client, model_id):
+    """The server decodes data: URIs with the engine's rules, which accept the URL-safe alphabet."""
+    raw = next(png for png in (png_bytes(48, 32, seed=s) for s in range(50))
+               if "+" in base64.b64encode(png).decode() or "/" in base64.b64encode(png).decode())
+    answers = []
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        url = "data:image/png;base64," + encode(raw).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "what?"}]}]
+        answers.append(client.chat.completions.create(model=model_id, messages=messages, max_tokens=3,
+                                                      temperature=0).choices[0].message.content)
+    assert answers[0] == answers[1]
 
 
 def test_too_many_images_is_400(client, model_id):

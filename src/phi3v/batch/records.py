@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..engine.image_source import IMAGE_SUFFIXES, has_image_suffix
 from ..errors import Phi3VError, PromptError
 
-# Files a folder or glob input picks up (case-insensitive); everything else is ignored.
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
+# A folder or glob input picks up the files with one of IMAGE_SUFFIXES (any case); the rest is ignored.
 JSONL_KEYS = ("id", "images", "image", "prompt", "task")
 
 
@@ -69,7 +67,7 @@ class InputSummary:
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+    return has_image_suffix(Path(path).name)
 
 
 def discover(input_spec: str | os.PathLike) -> InputSummary:
@@ -86,7 +84,7 @@ def discover(input_spec: str | os.PathLike) -> InputSummary:
         if not is_image_file(path):
             raise Phi3VError(
                 f"batch input {text!r} is neither a folder, a .jsonl file, an image file "
-                f"({', '.join(sorted(IMAGE_SUFFIXES))}) nor a glob pattern"
+                f"({', '.join(IMAGE_SUFFIXES)}) nor a glob pattern"
             )
         records = [_path_record(path.name, text, path)]
         kind = "file"

@@ -10,12 +10,13 @@ Three jobs, in the order a request needs them:
    `crop_grid` / `num_image_tokens` repeat it arithmetically (no pixels) and always agree with it.
 3. `preprocess(images, num_crops)` builds `pixel_values` (N, num_crops+1, 3, 336, 336) float32:
    [bicubic global view, row-major 336x336 sub-crops, zero padding crops], bit-exact with the reference.
+
+The rules for sources given as text (data: URIs, base64, image file names) are in image_source.py,
+shared with the server and batch inputs.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
 import os
@@ -30,6 +31,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD
+from .image_source import (
+    check_byte_size,
+    decode_base64,
+    decode_data_uri,
+    looks_like_base64,
+    looks_like_file_name,
+    short_repr as _short,
+)
 from ..errors import ImageError, Phi3VError
 
 CROP_SIZE = 336  # CLIP ViT-L/14-336 input side; HD images have sides that are multiples of it
@@ -69,11 +78,7 @@ class ImageSourcePolicy:
 
 
 _DEFAULT_POLICY = ImageSourcePolicy()
-_BASE64_RE = re.compile(r"[A-Za-z0-9+/]*={0,2}|[A-Za-z0-9_-]*={0,2}")
-_DATA_URI_RE = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_MIN_BASE64_CHARS = 32  # shorter strings are names, not images (the smallest PNG is ~90 chars)
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def open_image(source: ImageInput, policy: ImageSourcePolicy = _DEFAULT_POLICY) -> Image.Image:
@@ -122,10 +127,10 @@ def _open_string(text: str, policy: ImageSourcePolicy) -> Image.Image:
 
     if policy.allow_paths and _is_existing_path(text):
         return _open_path(text, policy)
-    if _looks_like_base64(stripped):
+    if looks_like_base64(stripped):
         return _open_base64(stripped, "base64 image", policy)
     if not policy.allow_paths:
-        if _looks_like_path(stripped):
+        if looks_like_file_name(stripped):
             raise ImageError(f"local file paths are not allowed here: {_short(text)}")
         raise ImageError(
             f"image source {_short(text)} is not base64 image data or a data: URI "
@@ -142,24 +147,6 @@ def _is_existing_path(text: str) -> bool:
         return os.path.exists(os.path.expanduser(text))
     except (OSError, ValueError):  # name too long, embedded NUL, ...
         return False
-
-
-def _looks_like_path(text: str) -> bool:
-    return (
-        "/" in text
-        or "\\" in text
-        or text.startswith(("~", "."))
-        or text.lower().endswith(_IMAGE_SUFFIXES)
-    )
-
-
-def _looks_like_base64(text: str) -> bool:
-    compact = "".join(text.split())
-    return (
-        len(compact) >= _MIN_BASE64_CHARS
-        and len(compact) % 4 == 0
-        and _BASE64_RE.fullmatch(compact) is not None
-    )
 
 
 def _open_path(path: str, policy: ImageSourcePolicy) -> Image.Image:
@@ -183,29 +170,12 @@ def _open_path(path: str, policy: ImageSourcePolicy) -> Image.Image:
 
 
 def _open_data_uri(uri: str, policy: ImageSourcePolicy) -> Image.Image:
-    match = _DATA_URI_RE.fullmatch(uri)
-    if match is None:
-        raise ImageError(f"malformed data: URI {_short(uri)} (expected data:image/<type>;base64,<data>)")
-    mime = match.group("mime").strip().lower()
-    params = [p.strip().lower() for p in match.group("params").split(";") if p.strip()]
-    if mime and not mime.startswith("image/"):
-        raise ImageError(f"data: URI has media type {mime!r}, expected image/*")
-    if "base64" not in params:
-        raise ImageError("data: URI images must be base64 encoded (data:image/<type>;base64,...)")
-    return _open_base64(match.group("data"), f"data URI ({mime or 'image'})", policy)
+    """The rules live in image_source.decode_data_uri (shared with the server)."""
+    return _decode(decode_data_uri(uri, max_bytes=policy.max_bytes), "data URI image", policy)
 
 
 def _open_base64(text: str, name: str, policy: ImageSourcePolicy) -> Image.Image:
-    compact = "".join(text.split())
-    _check_byte_size(len(compact) * 3 // 4, name, policy)  # decoded size, before decoding
-    try:
-        if "-" in compact or "_" in compact:
-            data = base64.urlsafe_b64decode(compact)
-        else:
-            data = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ImageError(f"{name} is not valid base64: {err}") from None
-    return _decode(data, name, policy)
+    return _decode(decode_base64(text, name, max_bytes=policy.max_bytes), name, policy)
 
 
 def _open_url(url: str, policy: ImageSourcePolicy) -> Image.Image:
@@ -245,10 +215,7 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _check_byte_size(size: int, name: str, policy: ImageSourcePolicy) -> None:
-    if size > policy.max_bytes:
-        raise ImageError(
-            f"{name} is larger than the limit of {policy.max_bytes} bytes (at least {size} bytes)"
-        )
+    check_byte_size(size, name, policy.max_bytes)
 
 
 def _decode(data: bytes, name: str, policy: ImageSourcePolicy) -> Image.Image:
@@ -295,11 +262,6 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ImageError(f"numpy image array has an empty size {array.shape}")
     return Image.fromarray(np.ascontiguousarray(array), mode=mode)
-
-
-def _short(text: str, limit: int = 80) -> str:
-    text = str(text)
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,12 +8,9 @@ length (images are decoded and tokenized in a small thread pool so the event loo
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 import time
-import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +19,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
-from ..errors import Phi3VError, PromptTooLongError
+from ..errors import ImageError, Phi3VError, PromptTooLongError
 from ..engine.image import ImageSourcePolicy
+from ..engine.image_source import InvalidBase64Error, decode_data_uri
 from ..options import GenerationOptions
 from .api_errors import APIError, context_length_error, from_phi3v_error, internal_error
 from .engine_worker import EngineWorker, GenerationJob, QueueFullError
@@ -123,7 +121,7 @@ class ChatService:
     def _image_part(self, url: str, param: str) -> dict:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            return {"type": "image", "image": decode_data_uri(url, param)}
+            return {"type": "image", "image": self._decode_data_uri(url, param)}
         if scheme in ("http", "https"):
             if not self.settings.allow_remote_images:
                 raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
@@ -134,6 +132,14 @@ class ChatService:
                             f"{' or an http(s) URL' if self.settings.allow_remote_images else ''}; "
                             f"got a URL starting with {url[:16]!r}. Local files cannot be named.",
                        param=param, code="invalid_image")
+
+    def _decode_data_uri(self, url: str, param: str) -> bytes:
+        """data: URI -> image bytes by the engine's rules (docs/images.md), or a 400 naming what is wrong."""
+        try:
+            return decode_data_uri(url, max_bytes=self.policy.max_bytes)
+        except ImageError as err:
+            code = "invalid_base64" if isinstance(err, InvalidBase64Error) else "invalid_image"
+            raise APIError(400, f"{param}: {err}", param=param, code=code) from None
 
     # ---- image decoding and tokenization (thread pool) ---------------------------------
     def prepare(self, plan: Plan):
@@ -265,29 +271,6 @@ class ChatService:
                 "timings": {k: round(float(v), 4) for k, v in completion.timings.to_dict().items()},
             },
         }
-
-
-def decode_data_uri(url: str, param: str) -> bytes:
-    """`data:[<mediatype>][;base64],<data>` -> bytes, or a 400 naming what is wrong."""
-    header, sep, data = url[5:].partition(",")
-    if not sep:
-        raise APIError(400, f"{param}: malformed data: URI (no comma before the data).", param=param,
-                       code="invalid_image")
-    mediatype = header.split(";", 1)[0].strip().lower()
-    if mediatype and not mediatype.startswith("image/"):
-        raise APIError(400, f"{param}: the data: URI has media type {mediatype!r}; an image/* type is required.",
-                       param=param, code="invalid_image")
-    if header.lower().endswith(";base64"):
-        try:
-            raw = base64.b64decode("".join(data.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{param}: the data: URI is not valid base64.", param=param,
-                           code="invalid_base64") from None
-    else:
-        raw = urllib.parse.unquote_to_bytes(data)
-    if not raw:
-        raise APIError(400, f"{param}: the data: URI holds no image data.", param=param, code="invalid_image")
-    return raw
 
 
 def _reject_unsupported(req: ChatCompletionRequest) -> None:
