@@ -215,18 +215,21 @@ def _pv(model, img):
 @pytest.mark.parametrize("style, override, policy", [
     ("phi3v", None, "mixed"), ("phi35v", None, "recompute"), ("phi3v", "recompute", "recompute"),
 ])
-def test_rope_switch_policy_at_4096(tmp_path, style, override, policy):
-    """Phi-3-vision keeps a mixed cache past 4096 (cached != uncached once the crossing is
-    processed); Phi-3.5-vision re-prefills with long factors (cached == uncached). The default
-    follows the model; load(rope_switch=...) overrides it."""
-    from phi3v.testing import make_tiny_checkpoint
+def test_rope_switch_policy_at_the_boundary(tiny_checkpoint, style, override, policy):
+    """Phi-3-vision keeps a mixed cache past original_max_position_embeddings (4096 in the real
+    models, SHORT_ROPE here): cached != uncached once the crossing is processed; Phi-3.5-vision
+    re-prefills with long factors (cached == uncached). The default follows the model;
+    load(rope_switch=...) overrides it."""
+    from conftest import SHORT_ROPE
 
-    d = make_tiny_checkpoint(tmp_path / style, style=style, num_crops=1)
+    d = tiny_checkpoint(style, num_crops=1, original_max_position_embeddings=SHORT_ROPE)
     model = phi3v.load(str(d), device="cpu", dtype="float32", progress=False, rope_switch=override)
     assert model.config.family == style and model.config.rope_switch == policy
+    orig = model.config.text.original_max_position_embeddings
+    assert orig == SHORT_ROPE
     rng = np.random.default_rng(0)
-    prompt = [1] + rng.integers(100, 30000, 4090).tolist()  # 4091 tokens
-    steps = 10  # generation crosses position 4096 at step 5
+    prompt = [1] + rng.integers(100, 30000, orig - 6).tolist()  # orig - 5 tokens
+    steps = 10  # generation crosses the boundary at step 5
     cached: dict[int, torch.Tensor] = {}
     state = GenerationState(torch.tensor(prompt), [], model.module.new_cache())
     tokens = list(generate_ids(model.module, state, phi3v.GenerationOptions(max_new_tokens=steps),
@@ -235,7 +238,7 @@ def test_rope_switch_policy_at_4096(tmp_path, style, override, policy):
     for k in range(steps):
         uncached = model.logits(prompt + tokens[:k], last=1)[0]
         diffs.append((cached[k] - uncached).abs().max().item())
-    crossing = 4096 - len(prompt) + 1  # first step whose logits come from a forward reaching total > 4096
+    crossing = orig - len(prompt) + 1  # first step whose logits come from a forward reaching total > orig
     assert max(diffs[:crossing]) < 1e-3, diffs
     if policy == "recompute":
         assert max(diffs) < 1e-3, diffs

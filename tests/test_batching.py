@@ -132,13 +132,16 @@ def test_image_repeated_across_rows_is_encoded_once(tiny_model_dir):
 
 
 @pytest.mark.parametrize("style", ["phi3v", "phi35v"])
-def test_row_crossing_the_long_rope_boundary_equals_alone(tmp_path, style):
-    """Row 0 starts just below original_max_position_embeddings and grows past it: "mixed"
-    (Phi-3-vision) switches per token, "recompute" (Phi-3.5-vision) re-prefills that row."""
-    from phi3v.testing import make_tiny_checkpoint
+def test_row_crossing_the_long_rope_boundary_equals_alone(tiny_checkpoint, style):
+    """Row 0 starts just below original_max_position_embeddings (SHORT_ROPE here, 4096 in the real
+    models) and grows past it: "mixed" (Phi-3-vision) switches per token, "recompute"
+    (Phi-3.5-vision) re-prefills that row. The image row starts past the boundary."""
+    from conftest import SHORT_ROPE
 
-    m = load(make_tiny_checkpoint(tmp_path / style, style=style, num_crops=2), image_cache_mb=0, prefix_cache=False)
+    folder = tiny_checkpoint(style, num_crops=2, original_max_position_embeddings=SHORT_ROPE)
+    m = load(folder, image_cache_mb=0, prefix_cache=False)
     orig = m.config.text.original_max_position_embeddings
+    assert orig == SHORT_ROPE
     long_prompt = m.prepare(prompt="x" + " hello" * (orig - 12))
     assert orig - 5 < long_prompt.num_tokens <= orig
     prepared = [long_prompt, m.prepare(prompt="Short one."), m.prepare(prompt="Tiny.", images=[picture(9)])]

@@ -211,9 +211,14 @@ def test_unrelated_or_short_prefix_is_not_reused(cached):
     assert stream.reused_tokens == 0  # only "<s><|user|>\n" in common: below prefix_min_tokens
 
 
-def test_prefix_not_reused_across_rope_regimes(cached, cold):
+def test_prefix_not_reused_across_rope_regimes(tiny_checkpoint):
     """A short retained conversation must not seed a prompt that a cold run prefills with long RoPE."""
+    from conftest import SHORT_ROPE
+
+    folder = tiny_checkpoint("phi3v", num_crops=2, original_max_position_embeddings=SHORT_ROPE)
+    cached, cold = load(folder), load(folder, image_cache_mb=0, prefix_cache=False)
     orig = cached.config.text.original_max_position_embeddings
+    assert orig == SHORT_ROPE
     base = "alpha beta gamma delta " * 8
     cached.ask(base, **GREEDY)
     long_prompt = base + "epsilon " * (orig + 10)

@@ -2,8 +2,12 @@
 
 Decoder: our Phi-3 decoder vs `transformers.Phi3ForCausalLM` (eager attention, float32), built from
 the same config.json values and loaded with the same tensors (the names are identical: qkv_proj and
-gate_up_proj are fused in both). Logits of ~50-token and ~4200-token (> 4096: long RoPE factors)
-prompts, and 8 greedy tokens with a KV cache, including a generation that crosses 4096.
+gate_up_proj are fused in both). The checkpoints move the long/short RoPE boundary
+(original_max_position_embeddings) from 4096 to SHORT_ROPE = 256 tokens, so both regimes and the
+crossing cost a few hundred tokens: logits of 50-token (short factors) and LONG-token (> SHORT_ROPE:
+long factors) prompts, and 8 greedy tokens with a KV cache, including a generation that crosses the
+boundary. The crossing at the real 4096 is checked against the reference by the golden case
+m09_cross4096 (tests/test_golden_model.py).
 
 Vision: our CLIP tower vs `transformers.CLIPVisionModel` (hidden_states[-2] without CLS), and the
 whole image path (2x2 merge, sub_GN/glb_GN layout, projector) recomputed here with plain torch
@@ -28,7 +32,7 @@ import phi3v
 from phi3v.engine.generate import GenerationState, generate_ids
 from phi3v.engine.image import crop_grid, preprocess
 from phi3v.options import GenerationOptions
-from phi3v.testing import make_tiny_checkpoint
+from conftest import SHORT_ROPE
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,6 +42,7 @@ CLIP_PREFIX = VISION_PREFIX + "img_processor.vision_model."
 LOGIT_RTOL = 1e-4  # relative to max |logits|
 FEATURE_ATOL = 1e-4
 IMPOSSIBLE_STOP = frozenset({-1})  # no token id is negative: generation always runs max_new_tokens
+LONG = SHORT_ROPE + 104  # a prompt past the boundary: long factors from the prefill on
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,10 +50,10 @@ IMPOSSIBLE_STOP = frozenset({-1})  # no token id is negative: generation always 
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=STYLES)
-def pair(request, tmp_path_factory):
-    """(ours, hf_decoder, hf_clip, tensors) for one checkpoint style."""
+def pair(request, tiny_checkpoint):
+    """(ours, hf_decoder, hf_clip, tensors) for one checkpoint style, RoPE boundary at SHORT_ROPE."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), style=request.param, seed=3)
+    folder = tiny_checkpoint(request.param, seed=3, original_max_position_embeddings=SHORT_ROPE)
     ours = phi3v.load(str(folder), device="cpu", dtype="float32", progress=False)
     tensors = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     raw = ours.config.raw
@@ -109,13 +114,13 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> Non
 # decoder
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("length, keep", [(50, None), (4200, 256)])
+@pytest.mark.parametrize("length, keep", [(50, None), (LONG, 64)])
 def test_logits_match_phi3_for_causal_lm(pair, length, keep):
-    """Uncached forward. 4200 > 4096: every position uses the long factors in both (the rule is
-    max(position) + 1 > original_max_position_embeddings for the call). For the long prompt only
-    the last `keep` positions' logits are compared (they attend over all 4200 positions; the full
-    4200 x 32064 logits would cost ~0.5 GB per side)."""
+    """Uncached forward. LONG > SHORT_ROPE: every position uses the long factors in both (the rule
+    is max(position) + 1 > original_max_position_embeddings for the call). For the long prompt only
+    the last `keep` positions' logits are compared (they attend over all LONG positions)."""
     ours, hf, _, _ = pair
+    assert ours.config.text.original_max_position_embeddings == SHORT_ROPE < LONG
     ids = text_ids(length, seed=length)
     with torch.inference_mode():
         mine = ours.logits(ids, last=keep)
@@ -141,10 +146,10 @@ def _hf_greedy(hf, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor
     return out.sequences[0, len(ids):].tolist(), [step[0].float() for step in out.logits]
 
 
-@pytest.mark.parametrize("length", [50, 4200])
+@pytest.mark.parametrize("length", [50, LONG])
 def test_greedy_generation_with_cache_matches(pair, length):
-    """8 greedy tokens with a KV cache, entirely on one side of 4096 (short prompt: short factors
-    throughout; long prompt: long factors from the prefill on, so no switch happens)."""
+    """8 greedy tokens with a KV cache, entirely on one side of the boundary (short prompt: short
+    factors throughout; long prompt: long factors from the prefill on, so no switch happens)."""
     ours, hf, _, _ = pair
     ids = text_ids(length, seed=10 + length)
     mine, my_logits = _ours_greedy(ours, ids, 8, ours.config.rope_switch)
@@ -154,11 +159,13 @@ def test_greedy_generation_with_cache_matches(pair, length):
         assert_logits_close(a, b, f"step {step}")
 
 
-def test_generation_crossing_4096_matches_recompute_policy(pair):
-    """A 4092-token prompt + 8 tokens crosses original_max_position_embeddings at the 5th token.
+def test_generation_crossing_the_boundary_matches_recompute_policy(pair):
+    """A (SHORT_ROPE - 4)-token prompt + 8 tokens crosses original_max_position_embeddings at the 5th
+    token (the same steps as a 4092-token prompt with the real 4096).
 
     transformers 5 (Phi3ForCausalLM.prepare_inputs_for_generation) drops the cache the first time
-    the full sequence reaches 4097 tokens while the cache holds <= 4096, and re-prefills everything
+    the full sequence reaches original_max_position_embeddings + 1 tokens while the cache holds no
+    more, and re-prefills everything
     with the long factors: that is the Phi-3.5-vision reference rule, our rope_switch="recompute"
     (the phi35v default). The Phi-3-vision reference instead keeps the short-rotated cache and
     rotates only new tokens with the long factors (our "mixed", the phi3v default); transformers has
@@ -167,6 +174,7 @@ def test_generation_crossing_4096_matches_recompute_policy(pair):
     """
     ours, hf, _, _ = pair
     orig = ours.config.text.original_max_position_embeddings
+    assert orig == SHORT_ROPE
     ids = text_ids(orig - 4, seed=7)
     mine, my_logits = _ours_greedy(ours, ids, 8, "recompute")
     ref, ref_logits = _hf_greedy(hf, ids, 8)

@@ -173,6 +173,22 @@ def test_float32_storage_and_std_override(tmp_path):
     assert tensors["lm_head.weight"].std().item() == pytest.approx(0.01, rel=0.02)
 
 
+def test_short_rope_boundary_option(tmp_path):
+    """original_max_position_embeddings moves the long/short RoPE boundary of a tiny checkpoint."""
+    from phi3v.engine.config import Phi3VConfig
+
+    assert testing.tiny_config()["original_max_position_embeddings"] == 4096  # the real value by default
+    made = testing.make_tiny_checkpoint(tmp_path / "short", style="phi35v", original_max_position_embeddings=256)
+    cfg = json.loads((made / "config.json").read_text())
+    assert cfg["original_max_position_embeddings"] == 256 and cfg["max_position_embeddings"] == 131072
+    text = Phi3VConfig.from_dir(made).text
+    assert text.original_max_position_embeddings == 256
+    assert not text.uses_long_rope(256) and text.uses_long_rope(257)
+    for bad in (0, 1, 200_000, 256.0, True):
+        with pytest.raises(ValueError, match="original_max_position_embeddings"):
+            testing.tiny_config(original_max_position_embeddings=bad)
+
+
 def test_full_size_config_and_shapes_match_the_real_checkpoint():
     for style in testing.STYLES:
         cfg = testing.full_size_config(style)

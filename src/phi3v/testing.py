@@ -169,8 +169,13 @@ def subsample_factors(factors: list[float], n: int) -> list[float]:
 def tiny_config(style: str = "phi3v", *, hidden_size: int = 64, intermediate_size: int = 128,
                 num_layers: int = 2, num_heads: int = 4, vision_hidden: int = 32,
                 vision_layers: int = 2, vision_heads: int = 2, vision_intermediate: int = 64,
-                dtype: torch.dtype = torch.bfloat16) -> dict:
-    """config.json of a tiny model: the real config with the sizes replaced, plus `vision_config`."""
+                dtype: torch.dtype = torch.bfloat16,
+                original_max_position_embeddings: int | None = None) -> dict:
+    """config.json of a tiny model: the real config with the sizes replaced, plus `vision_config`.
+
+    original_max_position_embeddings: where the long RoPE factors take over (the real 4096 when
+    None). A small value (e.g. 256) lets tests cross that boundary with a few hundred tokens.
+    """
     _check_style(style)
     for label, value in [("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
                          ("num_layers", num_layers), ("num_heads", num_heads),
@@ -178,6 +183,11 @@ def tiny_config(style: str = "phi3v", *, hidden_size: int = 64, intermediate_siz
                          ("vision_heads", vision_heads), ("vision_intermediate", vision_intermediate)]:
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
+    if original_max_position_embeddings is not None:
+        limit = full_size_config(style)["max_position_embeddings"]
+        value = original_max_position_embeddings
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= limit:
+            raise ValueError(f"original_max_position_embeddings must be an int in 2..{limit}, got {value!r}")
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
         raise ValueError(f"hidden_size {hidden_size} must split into {num_heads} heads of even size")
     head_dim = hidden_size // num_heads
@@ -198,6 +208,8 @@ def tiny_config(style: str = "phi3v", *, hidden_size: int = 64, intermediate_siz
         cfg["rope_scaling"][key] = subsample_factors(REAL_ROPE_FACTORS[style][key], head_dim // 2)
     cfg["torch_dtype"] = _dtype_name(dtype)
     cfg["_attn_implementation"] = "eager"  # like the golden tiny models; only picks a kernel
+    if original_max_position_embeddings is not None:
+        cfg["original_max_position_embeddings"] = original_max_position_embeddings
     cfg["vision_config"] = {
         "model_type": "clip_vision_model",
         "hidden_size": vision_hidden,
@@ -439,7 +451,8 @@ def make_tiny_checkpoint(path, *, style: str = "phi3v", seed: int = 0, sizes: st
                          vision_heads: int = 2, vision_intermediate: int = 64,
                          num_crops: int | None = None, shards: int | None = None,
                          dtype: torch.dtype = torch.bfloat16,
-                         std: Mapping[str, float] | None = None) -> Path:
+                         std: Mapping[str, float] | None = None,
+                         original_max_position_embeddings: int | None = None) -> Path:
     """Write a random checkpoint folder in the official layout and return its path.
 
     style:   "phi3v" (Phi-3-vision-128k-instruct) or "phi35v" (Phi-3.5-vision-instruct): config
@@ -452,6 +465,8 @@ def make_tiny_checkpoint(path, *, style: str = "phi3v", seed: int = 0, sizes: st
              more than 1 also writes model.safetensors.index.json.
     dtype:   storage dtype of every tensor (the real files are bfloat16).
     std:     per-role absolute std overrides, roles in STD_ROLES.
+    original_max_position_embeddings: tiny only; the long/short RoPE boundary (None: the real
+             4096). Tests use a small one (e.g. 256) to cross it with a few hundred tokens.
     """
     _check_style(style)
     if sizes not in ("tiny", "full"):
@@ -471,7 +486,8 @@ def make_tiny_checkpoint(path, *, style: str = "phi3v", seed: int = 0, sizes: st
         config = tiny_config(style, hidden_size=hidden_size, intermediate_size=intermediate_size,
                              num_layers=num_layers, num_heads=num_heads, vision_hidden=vision_hidden,
                              vision_layers=vision_layers, vision_heads=vision_heads,
-                             vision_intermediate=vision_intermediate, dtype=dtype)
+                             vision_intermediate=vision_intermediate, dtype=dtype,
+                             original_max_position_embeddings=original_max_position_embeddings)
         num_crops = 4 if num_crops is None else num_crops
         shards = 1 if shards is None else shards
     if not isinstance(num_crops, int) or num_crops < 1:
