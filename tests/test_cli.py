@@ -371,35 +371,31 @@ def test_verbose_shows_the_traceback(cli_env, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# the plugin mechanism other modules use to add subcommands (in-process: no model involved)
+# the command table: main() runs a registered command and turns its errors into one line
 
 
-def test_plugins_register_subcommands_and_broken_ones_only_warn(tmp_path, monkeypatch, capsys):
-    from phi3v.cli import main as cli
+def test_a_command_of_the_table_runs_and_its_errors_are_one_line(monkeypatch, capsys):
+    import types
 
-    (tmp_path / "cli_test_plugin_ok.py").write_text(
-        "def register(subparsers, common):\n"
-        "    p = subparsers.add_parser('hello', parents=[common])\n"
-        "    p.add_argument('--fail', action='store_true')\n"
-        "    p.set_defaults(func=run)\n"
-        "def run(args):\n"
-        "    if args.fail:\n"
-        "        from phi3v.errors import ImageError\n"
-        "        raise ImageError('bad picture')\n"
-        "    print('hello', args.model, args.num_crops)\n"
-        "    return 3\n")
-    (tmp_path / "cli_test_plugin_broken.py").write_text("import not_a_real_dependency_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("cli_test_plugin_ok", "cli_test_plugin_missing",
-                                                "cli_test_plugin_broken", "phi3v.no_such_package.cli"))
+    from phi3v.cli import arguments, main as cli
+
+    def register(sub, name):
+        p = sub.add_parser(name, parents=[arguments.model_parent()])
+        p.add_argument("--fail", action="store_true")
+        p.set_defaults(func=run)
+
+    def run(args):
+        if args.fail:
+            from phi3v.errors import ImageError
+            raise ImageError("bad picture")
+        print("hello", args.model, args.num_crops)
+        return 3
+
+    monkeypatch.setitem(cli.COMMANDS, "hello", types.SimpleNamespace(register=register))
     assert cli.main(["hello", "--model", "m", "--num-crops", "4"]) == 3
-    out, err = capsys.readouterr()
-    assert out == "hello m 4\n"
-    # a missing plugin is silent; one that fails to import names itself and its error, once
-    assert err.count("warning") == 1 and "cli_test_plugin_broken" in err and "not_a_real_dependency_xyz" in err
-    assert "cli_test_plugin_missing" not in err and "no_such_package" not in err
+    assert capsys.readouterr().out == "hello m 4\n"
 
-    assert cli.main(["hello", "--fail"]) == 1  # a Phi3VError from a plugin: one line and a hint
+    assert cli.main(["hello", "--fail"]) == 1  # a Phi3VError from a command: one line and a hint
     _, err = capsys.readouterr()
     assert "phi3v: error: bad picture" in err and "hint:" in err and "Traceback" not in err
 

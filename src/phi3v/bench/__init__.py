@@ -11,4 +11,5 @@ the other, so load time and peak RSS are measured cleanly and two big models nev
                  from the same tensors, as a user would assemble them)
     report.py    medians with min-max, ratios vs transformers, the table, the JSON file
     memory.py    RSS readings from /proc
+    variants.py  the variant names (what `phi3v bench --help` lists, without importing torch)
 """

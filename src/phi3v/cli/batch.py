@@ -8,7 +8,8 @@
 Rerunning the same command resumes (records already in --out are skipped).  SIGTERM and Ctrl-C
 stop the job cleanly: finished records are all in --out, the summary says how far it got.
 Exit status: 0 all records succeeded, 1 some records failed (or the job could not start),
-130 interrupted.  cli.py registers this as a subcommand; `python -m phi3v.cli.batch` also runs it.
+130 interrupted.  The generation flags are those of the answer commands (phi3v.options, with
+their ranges); `python -m phi3v.cli.batch ARGS` is `phi3v batch ARGS`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+
+from .arguments import HelpFormatter, generation_parent, model_parent, option_values, output_parent
+from .loading import load_model_from_args
+from .output import print_error
+from .running import run_alone
 
 EXIT_OK, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -35,7 +41,19 @@ examples:
   phi3v batch 'charts/*.png' --task table --format csv --out charts.jsonl
   phi3v batch photos/ --prompt "Is there a dog? Answer yes or no." --out dogs.jsonl
   phi3v batch photos/ --task describe --out captions.jsonl --ray          # Ray cluster
+
+--max-tokens, --seed and the other generation options apply to each record alone: with a
+seed, a record's result does not depend on the order or the batch it ran in.
 """
+
+
+def register(sub, name: str) -> None:
+    """`phi3v batch`: the model, output (--quiet: no progress bar) and generation options + its own."""
+    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent()],
+                       help="run a task or prompt over many images, results to JSONL",
+                       description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run_command)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,18 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "supports it; with --ray also the records per actor call) (default 4)")
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="preprocessing threads working ahead of the model (default 2)")
-    gen = p.add_argument_group("generation (the same names as the other subcommands)")
-    gen.add_argument("--max-tokens", type=int, default=512, metavar="N",
-                     help="most tokens to generate per record (default: %(default)s)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    gen.add_argument("--top-k", type=int, default=0, help="(default: 0 = off)")
-    gen.add_argument("--seed", type=int, default=None,
-                     help="sampling seed, the same for every record (so a record's result does "
-                     "not depend on the order or the batch it ran in)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                     help="stop when TEXT is generated (repeatable)")
-    gen.add_argument("--system", default=None, metavar="TEXT", help="a system message for every record")
     ray = p.add_argument_group("scale-out (Ray)")
     ray.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                      help="run on a Ray cluster with Ray Data: ADDRESS like 10.0.0.5:6379 or "
@@ -76,24 +82,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="model actors (default: one per GPU, or per --ray-cpus-per-actor CPUs)")
     ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="N",
                      help="CPUs reserved by each CPU actor, also its torch threads (default 1)")
-
-
-def register(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add `batch` to the `phi3v` command; `common` holds --model/--device/--dtype/--num-crops."""
-    from .main import HelpFormatter, output_parent  # --quiet (no progress bar), --verbose
-
-    p = subparsers.add_parser("batch", parents=[common, output_parent()],
-                              help="run a task or prompt over many images, results to JSONL",
-                              description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run_command)
-    return p
-
-
-def _options(args) -> dict:
-    return {"max_new_tokens": args.max_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
-            "stop": tuple(args.stop or ()), "num_crops": args.num_crops}
 
 
 class _Terminated(KeyboardInterrupt):
@@ -109,7 +97,6 @@ def run_command(args) -> int:
 
     from ..batch.runner import run_batch
     from .images import cli_policy  # files and http(s) URLs, like the other subcommands
-    from .output import print_error
 
     if args.task is None and args.prompt is None and not str(args.input).lower().endswith(".jsonl"):
         print_error("give --task or --prompt (or a JSONL input whose records carry prompts)")
@@ -122,8 +109,6 @@ def run_command(args) -> int:
         return EXIT_ERRORS
     task = args.task or ("ask" if args.prompt is not None else None)
     use_ray = args.ray is not None
-    from .main import load_model_from_args
-
     # Ray actors load their own copies; the driver needs none.  Locally the model is loaded
     # after the input has been read, so a wrong INPUT fails at once.
     model = args.model if use_ray else (lambda: load_model_from_args(args))
@@ -133,7 +118,7 @@ def run_command(args) -> int:
                     workers=args.workers, image_policy=cli_policy(), progress=not args.quiet,
                     system=args.system, device=args.device, dtype=dtype, ray=args.ray,
                     ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
-                    **_options(args))
+                    **option_values(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         job.run()
@@ -149,9 +134,7 @@ def run_command(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m phi3v.cli.batch ARGS` = `phi3v batch ARGS`."""
-    from .main import main as cli_main
-
-    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
+    return run_alone(register, "batch", argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..bench.variants import DEFAULT_VARIANTS, VARIANTS
+from .arguments import HelpFormatter
+from .running import run_alone
+
 EPILOG = """measured per variant: load time, RSS after load and peak RSS; image preprocessing; the
 vision tower on 1, 5 and 17 crops; time to first token for one image at num_crops 4 and 16;
 prefill tokens/s; decode tokens/s over 128 tokens at a short context and with 2,048 cached
@@ -22,19 +26,14 @@ examples:
 """
 
 
-def register(subparsers, common) -> None:
-    from . import main as cli
-
-    p = subparsers.add_parser("bench", help="benchmark phi3v against transformers on the same weights",
-                              description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                              formatter_class=cli.HelpFormatter)
+def register(sub, name: str) -> None:
+    p = sub.add_parser(name, help="benchmark phi3v against transformers on the same weights",
+                       description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..bench.runner import DEFAULT_VARIANTS, VARIANTS
-
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint folder or hub id (default: a random full-size checkpoint in --data-dir)")
     p.add_argument("--data-dir", default=None,
@@ -72,12 +71,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .main import run_with_errors
-
-    p = argparse.ArgumentParser(prog="phi3v bench", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run_with_errors(run, p.parse_args(argv))
+    """`python -m phi3v.cli.bench ARGS` = `phi3v bench ARGS`."""
+    return run_alone(register, "bench", argv)
 
 
 if __name__ == "__main__":

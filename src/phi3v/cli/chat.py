@@ -20,9 +20,20 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .images import CliImage, is_url, open_cli_image
-from .output import format_timings, is_tty, note, print_error, style
 from ..errors import ImageError, Phi3VError
+from .arguments import HelpFormatter, answer_parent, generation_parent, model_parent, options_from_args, output_parent
+from .images import CliImage, is_url, open_cli_image, open_cli_images
+from .loading import load_model_from_args
+from .output import format_timings, is_tty, note, print_error, style
+from .running import hint_for
+from .streaming import stream_answer
+
+EXAMPLES = """examples:
+  phi3v chat
+  phi3v chat photo.jpg --device cuda
+  printf 'What is this?\\n/image b.png\\nAnd this one?\\n/save chat.json\\n' | phi3v chat a.png
+
+in the session: /image PATH, /reset, /save FILE, /help, /quit (or Ctrl-D)"""
 
 HELP = """commands:
   /image PATH   attach an image (file or http(s) URL) to the next question
@@ -30,6 +41,25 @@ HELP = """commands:
   /save FILE    write the conversation as JSON
   /help         this list
   /quit         leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+def register(sub, name: str) -> None:
+    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), answer_parent()],
+                       help="an interactive multi-turn session",
+                       description="Chat about images: type questions; the answers stream.",
+                       epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="images attached to the first question")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if "-" in args.images:
+        raise ImageError("chat reads questions from stdin, so \"-\" cannot be an image; give a file name")
+    args.initial_images = open_cli_images(args.images)
+    args.json = False  # chat always streams to the terminal
+    options = options_from_args(args)
+    model = load_model_from_args(args)
+    return run_chat(args, model, options)
 
 
 @dataclass
@@ -98,11 +128,8 @@ def _read_line(prompt: str, interactive: bool) -> str:
     return line.rstrip("\n")
 
 
-def run_chat(args, model, options, stream_answer) -> int:
-    """The read-answer loop. `stream_answer(model, source, options, images, args)` streams one answer."""
-    # cli imports this module lazily, so importing it here makes no import cycle
-    from .main import hint_for
-
+def run_chat(args, model, options) -> int:
+    """The read-answer loop: each question streams its answer (stream_answer) with the whole history."""
     interactive = is_tty(sys.stdin)
     if interactive:
         try:

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelNotFoundError
+from .arguments import HelpFormatter, model_parent, output_parent
 
 # The sizes that matter of the real configs (both models share them), used when no config
 # file is at hand. The CLIP tower is not described in the real config.json: it is ViT-L/14-336.
@@ -199,3 +200,20 @@ def run_info(args) -> int:
     else:
         print(format_info(images, model, chosen))
     return 0
+
+EXAMPLES = """examples:
+  phi3v info photo.jpg
+  phi3v info a.png b.png --num-crops 4 --dtype bfloat16
+  phi3v info --model microsoft/Phi-3.5-vision-instruct --json"""
+
+
+def register(sub, name: str) -> None:
+    p = sub.add_parser(name, parents=[model_parent(), output_parent()],
+                       help="image sizes, crops, token counts, model memory",
+                       description="Without loading the model: each image's size, its crop grid and "
+                                   "token count at each --num-crops, and the model's parameter count "
+                                   "and memory for the chosen dtype.",
+                       epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="file path, - for stdin, or http(s) URL")
+    p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    p.set_defaults(func=run_info)

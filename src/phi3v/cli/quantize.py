@@ -12,6 +12,11 @@ import argparse
 import sys
 import time
 
+from ..errors import Phi3VError
+from .arguments import HelpFormatter
+from .output import note
+from .running import run_alone
+
 EPILOG = """schemes:
   int8   per output channel, symmetric (about 4.3 GB for Phi-3-vision)
   int4   per group of --group-size inputs, asymmetric (about 2.9 GB); the fastest decode on CPU
@@ -26,12 +31,9 @@ examples:
 """
 
 
-def register(subparsers, common) -> None:
-    from . import main as cli
-
-    p = subparsers.add_parser("quantize", help="write an int8 / int4 weight-only quantized checkpoint",
-                              description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                              formatter_class=cli.HelpFormatter)
+def register(sub, name: str) -> None:
+    p = sub.add_parser(name, help="write an int8 / int4 weight-only quantized checkpoint",
+                       description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -50,9 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..engine.checkpoint import resolve_model_dir
-    from .output import note
-    from ..errors import Phi3VError
+    from ..engine.hub import resolve_model_dir
     from ..quant.checkpoint import quantize_checkpoint
     from ..quant.layers import QuantConfig
 
@@ -81,13 +81,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .main import run_with_errors
-
-    p = argparse.ArgumentParser(prog="phi3v quantize", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return run_with_errors(run, args)
+    """`python -m phi3v.cli.quantize ARGS` = `phi3v quantize ARGS`."""
+    return run_alone(register, "quantize", argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Only what a vision chat needs is modelled; fields that OpenAI defines but this s
 honour are accepted by name so that a non-default value gets a clear 400 (service.py checks
 them), and names OpenAI does not define are refused ("Unrecognized request argument").
 Our own additions are fenced at the end of each model under "phi3v extension".
+
+The generation fields (max_tokens, temperature, top_p, seed, stop, num_crops, ...) take their
+range and description from phi3v.options.OPTIONS through `option_field`, the one declaration
+the CLI flags come from too; `requested_options` reads them back as GenerationOptions names.
 """
 
 from __future__ import annotations
@@ -11,6 +15,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..options import OPTION_BY_NAME, OPTIONS
+
+
+def option_field(option: str):
+    """A request field setting the generation option `option`: None (not given) or a value in its range."""
+    spec = OPTION_BY_NAME[option]
+    return Field(default=None, description=spec.help, **spec.request_bounds.pydantic())
 
 # ---- request ------------------------------------------------------------------------------
 
@@ -58,32 +70,40 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = None  # only 0 / null supported
     logit_bias: dict[str, float] | None = None  # only empty / null supported
     logprobs: bool | None = None  # only false / null supported
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = option_field("max_new_tokens")
+    max_tokens: int | None = option_field("max_new_tokens")
     metadata: dict[str, str] | None = None  # accepted, ignored
     modalities: list[str] | None = None  # only ["text"] supported
     n: int | None = None  # only 1 supported
     parallel_tool_calls: bool | None = None  # accepted, ignored (no tools)
     presence_penalty: float | None = None  # only 0 / null supported
     response_format: dict[str, Any] | None = None  # only {"type": "text"} supported
-    seed: int | None = None
+    seed: int | None = option_field("seed")
     service_tier: str | None = None  # accepted, ignored
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, list[str], None] = option_field("stop")
     store: bool | None = None  # accepted, ignored
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = option_field("temperature")
     tool_choice: Any = None  # only null / "none" supported
     tools: list[Any] | None = None  # only empty / null supported
     top_logprobs: int | None = None  # only 0 / null supported
-    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = option_field("top_p")
     user: str | None = None  # accepted, ignored
 
     # ---- phi3v extension ----
-    num_crops: int | None = Field(
-        default=None, ge=1, le=64,
-        description="phi3v extension: HD crops per image (more = finer detail, more image tokens).",
-    )
+    num_crops: int | None = option_field("num_crops")
+    top_k: int | None = option_field("top_k")
+    repetition_penalty: float | None = option_field("repetition_penalty")
+
+
+def requested_options(req: ChatCompletionRequest) -> dict:
+    """{GenerationOptions field: the request's value or None} (max_completion_tokens before max_tokens)."""
+    values = {}
+    for spec in OPTIONS:
+        given = [getattr(req, name) for name in spec.server_fields]
+        values[spec.name] = next((v for v in given if v is not None), None)
+    return values
 
 
 # ---- responses ----------------------------------------------------------------------------

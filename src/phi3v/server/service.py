@@ -25,7 +25,7 @@ from ..engine.image_source import InvalidBase64Error, decode_data_uri
 from ..options import GenerationOptions
 from .api_errors import APIError, context_length_error, from_phi3v_error, internal_error
 from .engine_worker import EngineWorker, GenerationJob, QueueFullError
-from .schemas import ChatCompletionRequest
+from .schemas import ChatCompletionRequest, requested_options
 from .settings import ServerSettings
 
 log = logging.getLogger("phi3v.server")
@@ -73,20 +73,20 @@ class ChatService:
                            param="model", code="model_not_found")
         _reject_unsupported(req)
         messages = self._convert_messages(req)
-        num_crops = req.num_crops or self.settings.default_num_crops
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        requested = requested_options(req)  # {GenerationOptions field: value or None}
+        num_crops = requested["num_crops"] or self.settings.default_num_crops
+        max_tokens = requested["max_new_tokens"]
+        stop = requested["stop"]
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise APIError(400, f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", param="stop")
         try:
-            options = GenerationOptions.from_kwargs(
-                max_new_tokens=max_tokens or self.settings.default_max_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
-                stop=tuple(stop),
-                num_crops=num_crops,
-            )
+            options = GenerationOptions.from_kwargs(**{
+                **requested,
+                "max_new_tokens": max_tokens or self.settings.default_max_tokens,
+                "stop": tuple(stop),
+                "num_crops": num_crops,
+            })
         except Phi3VError as err:
             raise from_phi3v_error(err) from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -1,33 +1,73 @@
-"""What the operator chose when starting `phi3v serve` (one frozen object shared by every request)."""
+"""What the operator chose when starting `phi3v serve` (one frozen object shared by every request).
+
+Each setting is declared once, as a field of ServerSettings; its metadata (made by `setting`)
+carries what `phi3v serve` needs to offer it as a flag: the flag name, help, allowed range,
+unit and environment variable. phi3v.cli.serve builds the flags from these fields and the
+settings from the parsed flags, so a new field here is a new flag there.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from ..errors import Phi3VError
+from ..options import ANY, OPTION_BY_NAME, Bounds
+
+
+def setting(default, help: str, flag: str, *, bounds: Bounds = ANY, unit: int = 1, metavar: str | None = None,
+            env: str | None = None, default_text: str | None = None, model_option: bool = False):
+    """A ServerSettings field and how `phi3v serve` offers it.
+
+    flag: the CLI flag. bounds: the allowed values of the field. unit: the flag counts in units
+    of this many (--max-body-mb: 2**20 bytes). env: an environment variable that gives the flag's
+    default. default_text: the default in words. model_option: the flag is one of the model
+    options every model command has (--num-crops), not added again by serve.
+    """
+    return field(default=default, metadata={
+        "help": help, "flag": flag, "bounds": bounds, "unit": unit, "metavar": metavar, "env": env,
+        "default_text": default_text, "model_option": model_option,
+    })
+
+
+MIB = 2**20
+POSITIVE = Bounds(1)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <api_key>`
-    allow_remote_images: bool = False  # http(s) image URLs are fetched only when True
-    max_images: int = 8  # images per request, over the whole conversation
-    max_queue: int = 16  # requests waiting for the engine; one more gets 429
-    max_body_bytes: int = 20 * 2**20  # request bodies over this get 413
-    default_num_crops: int | None = None  # None => the checkpoint's preprocessor_config value
-    default_max_tokens: int = 512  # when the client names neither max_tokens nor max_completion_tokens
-    remote_timeout_s: float = 10.0  # one remote image fetch
-    remote_max_bytes: int = 20 * 2**20  # one remote image
-    prepare_threads: int = 2  # image decoding / tokenization off the event loop
-    model_id: str | None = None  # the id clients use; None => derived from the model's name
+    api_key: str | None = setting(
+        None, "require `Authorization: Bearer KEY` on /v1/*", "--api-key", metavar="KEY", env="PHI3V_API_KEY",
+        default_text="$PHI3V_API_KEY, else none")
+    allow_remote_images: bool = setting(
+        False, "let clients send http(s) image URLs, fetched by the server with a timeout and size cap "
+               "(otherwise data: URIs only)", "--allow-remote-images", default_text="off")
+    max_images: int = setting(8, "images per request, over all messages", "--max-images", bounds=POSITIVE,
+                              metavar="N")
+    max_queue: int = setting(16, "requests waiting for the model; more get 429 + Retry-After", "--max-queue",
+                             bounds=POSITIVE, metavar="N")
+    max_body_bytes: int = setting(20 * MIB, "largest request body in MiB; larger ones get 413", "--max-body-mb",
+                                  bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
+    default_num_crops: int | None = setting(
+        None, "default HD crops per image; a request may override it with num_crops", "--num-crops",
+        bounds=OPTION_BY_NAME["num_crops"].bounds, model_option=True)
+    default_max_tokens: int = setting(
+        512, "max_tokens of a request that names neither max_tokens nor max_completion_tokens (less when "
+             "the context leaves less room)", "--default-max-tokens", bounds=POSITIVE, metavar="N")
+    remote_timeout_s: float = setting(10.0, "seconds to fetch one remote image", "--remote-timeout-s",
+                                      bounds=Bounds(0, lo_open=True), metavar="S")
+    remote_max_bytes: int = setting(20 * MIB, "largest remote image in MiB", "--remote-max-mb",
+                                    bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
+    prepare_threads: int = setting(2, "threads decoding images and tokenizing, off the event loop",
+                                   "--prepare-threads", bounds=POSITIVE, metavar="N")
+    model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
+                                   default_text="the hub id, or a local folder's name")
 
     def __post_init__(self):
-        for name in ("max_images", "max_queue", "max_body_bytes", "prepare_threads", "default_max_tokens"):
-            if getattr(self, name) < 1:
-                raise Phi3VError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.default_num_crops is not None and not 1 <= self.default_num_crops <= 64:
-            raise Phi3VError(f"num_crops must be between 1 and 64, got {self.default_num_crops}")
+        for f in fields(self):
+            value, bounds = getattr(self, f.name), f.metadata["bounds"]
+            if value is not None and bounds is not ANY and not bounds.contains(value):
+                raise Phi3VError(f"{f.name} must be {bounds.describe(isinstance(value, int))}, got {value}")
 
 
 def served_model_id(model_name: str) -> str:

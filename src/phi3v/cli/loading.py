@@ -1,0 +1,39 @@
+"""Loading the model a command names (--model, --device, --dtype, --quantize, --low-memory)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .output import Spinner, is_tty, note
+
+
+def load_model_from_args(args):
+    """phi3v.load with the model options; the seconds loading took are left in `args.load_s`.
+
+    The model is first resolved to a folder (a hub download shows huggingface_hub's progress
+    bars), then loaded from that folder under a spinner with the elapsed time (phi3v.load's
+    model_dir: resolved once). Bars and spinner only for a person watching a terminal.
+    """
+    import phi3v
+
+    from ..engine.hub import resolve_model_dir
+
+    dtype = None if args.dtype in (None, "auto") else args.dtype
+    show = not getattr(args, "quiet", False) and is_tty(sys.stderr)
+    revision = getattr(args, "revision", None)
+    folder = resolve_model_dir(args.model, progress=show, revision=revision)
+    start = time.perf_counter()
+    with Spinner(f"loading {args.model}", enabled=show):
+        model = phi3v.load(args.model, device=args.device, dtype=dtype, progress=show, revision=revision,
+                           quantize=getattr(args, "quantize", None), low_memory=getattr(args, "low_memory", None),
+                           model_dir=folder)
+    args.load_s = time.perf_counter() - start
+    if getattr(args, "verbose", False):
+        note(f"loaded {model.name} on {model.device} ({dtype_name(model.dtype)}) in {args.load_s:.2f}s")
+    return model
+
+
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,78 @@
+"""Streaming one answer to the terminal (the answer commands and chat), with the too-long hint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..errors import PromptTooLongError
+from .output import Spinner, finish_answer, write_answer_delta
+
+
+def stream_answer(model, source, options, images, args):
+    """Generate for `source` (a prompt string or messages), printing as the text arrives.
+
+    `images` are the CliImages of the request (sent with a prompt string; inside the messages
+    otherwise), used for the too-long hint. While the image is encoded and the prompt prefilled
+    a spinner turns on stderr (terminal only); deltas go to stdout unless --json / --no-stream.
+    Returns the Completion. Ctrl-C closes the stream (generation stops at once), ends the
+    partial answer's line and lets the KeyboardInterrupt propagate (exit 130; chat drops that
+    question).
+    """
+    printing = not (getattr(args, "json", False) or getattr(args, "no_stream", False))
+    pil_images = [im.image for im in images] if isinstance(source, str) else None
+    spinner = Spinner("encoding and prefilling" if printing else "generating",
+                      enabled=not getattr(args, "quiet", False))
+    stream = None
+    text = []
+    try:
+        with spinner:
+            if pil_images is None:
+                stream = model.stream(source, **asdict(options))
+            else:
+                stream = model.stream(source, images=pil_images, **asdict(options))
+            for delta in stream:
+                if printing:
+                    spinner.stop()
+                    write_answer_delta(delta)
+                text.append(delta)
+    except PromptTooLongError as err:
+        err.cli_hint = too_long_hint(err, images, options.max_new_tokens, options.num_crops
+                                     or getattr(model, "default_num_crops", None))
+        raise
+    except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()
+        if printing and text:
+            finish_answer("".join(text))
+        raise
+    if printing:
+        finish_answer("".join(text))
+    return stream.completion
+
+
+def too_long_hint(err: PromptTooLongError, images, max_new_tokens: int, num_crops: int | None) -> str:
+    """Suggest the largest --num-crops with which the prompt and the answer fit the context.
+
+    The engine shortens the answer to the room left, so "fits" means: the prompt plus the
+    requested --max-tokens if possible, else the prompt plus at least one new token.
+    """
+    from ..engine.image import num_image_tokens
+
+    text_tokens = err.prompt_tokens - err.image_tokens
+    if not images:
+        return "shorten the prompt (or the conversation: /reset in chat)"
+
+    def image_tokens_at(n: int) -> int:
+        return sum(num_image_tokens(*im.image.size, n) for im in images)
+
+    candidates = range((num_crops or 16) - 1, 0, -1)
+    for room in (max_new_tokens, 1):
+        for n in candidates:
+            tokens = image_tokens_at(n)
+            if text_tokens + tokens + room <= err.limit:
+                while n > 1 and image_tokens_at(n - 1) == tokens:  # same grid: name the smallest n
+                    n -= 1
+                return (f"try --num-crops {n}: the images then cost {tokens} tokens instead of "
+                        f"{err.image_tokens} (or use fewer images)")
+    return (f"even at --num-crops 1 the images cost {image_tokens_at(1)} tokens; "
+            "use fewer images or a shorter prompt")
