@@ -11,6 +11,7 @@ import sys
 
 from .. import tasks
 from .arguments import HelpFormatter, answer_parent, generation_parent, model_parent, options_from_args, output_parent
+from .images import open_cli_images
 from .loading import dtype_name, load_model_from_args
 from .output import finish_answer, format_timings, note, print_json
 from .streaming import stream_answer
@@ -81,8 +82,6 @@ def check_usage(args) -> None:
 
 
 def run(args) -> int:
-    from .images import open_cli_images
-
     prompt = task_prompt(args)
     if args.show_prompt:
         print(prompt)

@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 
+from ..batch.runner import run_batch
 from .arguments import HelpFormatter, generation_parent, model_parent, option_values, output_parent
+from .images import cli_policy  # files and http(s) URLs, like the other commands
 from .loading import load_model_from_args
 from .output import print_error
 from .running import run_alone
@@ -93,11 +96,6 @@ def _raise_terminated(signum, frame):
 
 
 def run_command(args) -> int:
-    from pathlib import Path
-
-    from ..batch.runner import run_batch
-    from .images import cli_policy  # files and http(s) URLs, like the other subcommands
-
     if args.task is None and args.prompt is None and not str(args.input).lower().endswith(".jsonl"):
         print_error("give --task or --prompt (or a JSONL input whose records carry prompts)")
         return EXIT_ERRORS

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from . import answer, batch, bench, chat, download, info, quantize, serve
 from .running import run_parsed
 
@@ -50,8 +51,6 @@ or the PHI3V_MODEL environment variable."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="phi3v", description="Ask Phi-3-Vision / Phi-3.5-Vision about images, from a terminal.",
         epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
