@@ -1,4 +1,4 @@
-"""Native decode kernels: built on first use with the system C compiler, called via ctypes.
+"""Native decode kernels: built with the system C compiler while a model loads, called via ctypes.
 
 Why: one-token decode is bound by memory bandwidth, and torch's CPU paths for a (1, K) x (K, N)
 product (oneDNN bf16 GEMM, the int8/int4 weight-only kernels) leave a large part of it unused on
@@ -10,8 +10,14 @@ arithmetic: most laptop CPUs).  PHI3V_NATIVE_ISA=avx2|avx512bf16 forces one (tes
 the AVX2 build on an AVX-512 machine).  They need x86-64 Linux, a C compiler (`$CC` or cc) and
 PHI3V_NATIVE unset or not "0".  Anything else -> `available()` is False and the callers keep their
 torch paths; a failed build is reported once as a warning, never an error.  The library is cached
-under $PHI3V_CACHE_DIR or ~/.cache/phi3v/native, keyed by the sources, the flags and the compiler,
-and written atomically so parallel processes can build it together.
+under $PHI3V_CACHE_DIR or ~/.cache/phi3v/native, keyed by the sources, the flags and the compiler
+binary (its resolved path, size and modification time: a compiler upgrade changes them, and no
+process is started to find a cached build), and written atomically so parallel processes can
+build it together.
+
+When: `prepare()` builds (or finds in the cache) and loads the library; engine.loader calls it
+while loading a model for the CPU, so the first request does not pay for a build.  Any other
+entry point does the same on its first call if nobody prepared the kernels before.
 
 Python entry points take torch tensors and return the result, or None where the kernels do not
 take the input (the caller then uses torch):
@@ -29,6 +35,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +60,12 @@ _lib: ctypes.CDLL | None = None
 _isa = ""
 _tried = False
 _why_not = ""
+
+
+def prepare() -> bool:
+    """Build the kernels or find them in the cache, and load them, now (once per process).
+    True when they are usable here; otherwise `why_unavailable()` says why and torch is used."""
+    return _load() is not None
 
 
 def available() -> bool:
@@ -98,14 +111,25 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
+def _compiler_identity(cc: str) -> str:
+    """The compiler binary behind `cc` ("cc" is usually a chain of links to gcc or clang): its real
+    path, size and modification time.  Stat calls only, no process: this runs at every start."""
+    found = shutil.which(cc)
+    if found is None:
+        raise RuntimeError(f"C compiler {cc!r} not found (set CC or install gcc/clang)")
+    real = os.path.realpath(found)
+    st = os.stat(real)
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _build(name: str) -> Path:
-    """Compile the `name` kernels into the cache (once per sources/flags/compiler); the .so path."""
+    """The `name` kernels' library in the cache, compiled first when missing (once per
+    sources/flags/compiler binary); the .so path."""
     source, flags, _ = ISAS[name]
     flags = _COMMON_FLAGS + flags
     cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     text = b"".join((_HERE / f).read_bytes() for f in (source, "common.h", "attention_driver.h"))
-    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(flags).encode() + _compiler_identity(cc).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{name}-{key}.so"
     if target.exists():
         return target
