@@ -213,6 +213,26 @@ def test_server_request_fields_take_each_range_from_the_options():
                    "repetition_penalty": 1.1, "seed": None, "stop": "END", "num_crops": None}
 
 
+def test_the_server_turns_every_request_option_into_generation_options():
+    pytest.importorskip("fastapi")
+    from phi3v.server.schemas import ChatCompletionRequest
+    from phi3v.server.service import ChatService
+
+    service = ChatService(None, ServerSettings(default_num_crops=2, default_max_tokens=9), None, "m",
+                          frozenset({"m"}))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        plan = service.plan(ChatCompletionRequest(**body))
+        assert plan.options == GenerationOptions(max_new_tokens=9, num_crops=2) and not plan.max_tokens_given
+        request = dict(body, max_tokens=5, temperature=0.5, top_p=0.9, top_k=4, repetition_penalty=1.3, seed=1,
+                       stop=["a", "b"], num_crops=3)
+        plan = service.plan(ChatCompletionRequest(**request))
+        assert plan.options == GenerationOptions(max_new_tokens=5, temperature=0.5, top_p=0.9, top_k=4,
+                                                 repetition_penalty=1.3, seed=1, stop=("a", "b"), num_crops=3)
+    finally:
+        service.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # server settings: one declaration, one flag each
 
