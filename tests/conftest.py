@@ -14,7 +14,9 @@ The folders are shared: a test that edits one copies it first.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import sys
 from dataclasses import dataclass
 
@@ -69,22 +71,25 @@ class CliResult:
 
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
-    """run_cli(*args, stdin=None) -> CliResult: phi3v.cli.main.main(args) in this process.
+    """run_cli(*args, stdin=None, cwd=None) -> CliResult: phi3v.cli.main.main(args) in this process.
 
-    stdin (str or bytes) replaces sys.stdin for the call; SystemExit (argparse errors, --help)
-    becomes the exit code. Output is what capsys captured during the call.
+    stdin (str or bytes) replaces sys.stdin and cwd the working folder for the call; SystemExit
+    (argparse errors, --help) becomes the exit code. Output is what capsys captured during the
+    call. Environment variables the command reads (PHI3V_MODEL, NO_COLOR) are the test's to set
+    with monkeypatch.
     """
     from phi3v.cli.main import main
 
-    def run(*args, stdin: bytes | str | None = None) -> CliResult:
+    def run(*args, stdin: bytes | str | None = None, cwd=None) -> CliResult:
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         # a text stdin over bytes: .buffer serves commands that read an image from "-"
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
         capsys.readouterr()  # drop anything printed before this call
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        with contextlib.chdir(cwd or os.getcwd()):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         out, err = capsys.readouterr()
         return CliResult(code or 0, out, err)
 

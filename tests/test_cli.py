@@ -1,9 +1,14 @@
-"""The `phi3v` command, run as a real subprocess (`python -m phi3v ...`) on a tiny checkpoint.
+"""The `phi3v` command on a tiny checkpoint.
 
 Greedy output of a random tiny model is deterministic but meaningless, so every generating
 command is checked against the Python API's result for the same request (same checkpoint,
 float32, CPU, --num-crops 1, a few tokens): the texts must be identical and the usage equal.
-The subprocesses run offline (HF_HUB_OFFLINE=1, an empty HF_HOME) with NO_COLOR and one thread.
+
+Most tests run the command in this process (`cli`: phi3v.cli.main.main(argv), no interpreter and
+torch start per call). A few run a real process (`run_process`: `python -m phi3v ...`, or the
+`phi3v` console script), offline (HF_HUB_OFFLINE=1, an empty HF_HOME) with NO_COLOR and one
+thread: exit codes of the real entry points, binary stdin, and the hub (whose offline mode and
+cache folder huggingface_hub fixes when it is imported).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +55,20 @@ def cli_env(tiny_model_dir, tmp_path_factory):
     return env
 
 
-def run_cli(env, *args, stdin: bytes | str | None = None, cwd=None, timeout=120):
+def run_process(env, *args, stdin: bytes | str | None = None, cwd=None, timeout=120):
+    """`python -m phi3v ARGS` in a fresh interpreter -> (exit code, stdout, stderr)."""
     data = stdin.encode() if isinstance(stdin, str) else stdin
     proc = subprocess.run([sys.executable, "-m", "phi3v", *map(str, args)], input=data,
                           capture_output=True, env=env, cwd=cwd, timeout=timeout)
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+@pytest.fixture
+def cli(run_cli, monkeypatch, tiny_model_dir):
+    """`phi3v ARGS` in this process (conftest.run_cli) with the tiny model as PHI3V_MODEL."""
+    monkeypatch.setenv("PHI3V_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("NO_COLOR", "1")
+    return run_cli
 
 
 def assert_one_error_line(stderr: str, *needles: str) -> None:
@@ -80,24 +95,24 @@ def assert_same_as_api(out: dict, completion) -> None:
 # without the model: help, prompts, usage errors
 
 
-def test_help_of_every_subcommand_has_examples(cli_env):
-    code, out, _ = run_cli(cli_env, "--help")
+def test_help_of_every_subcommand_has_examples(cli):
+    code, out, _ = cli("--help")
     assert code == 0
     for name in SUBCOMMANDS:
         assert f"    {name} " in out
     for name in SUBCOMMANDS:
-        code, out, _ = run_cli(cli_env, name, "--help")
+        code, out, _ = cli(name, "--help")
         assert code == 0, name
         assert "examples:" in out and f"phi3v {name}" in out, name
         assert "--model" in out and "--device" in out, name
 
 
-def test_show_prompt_prints_the_task_prompt_and_prompt_overrides_it(cli_env):
-    code, out, _ = run_cli(cli_env, "describe", "--show-prompt")
+def test_show_prompt_prints_the_task_prompt_and_prompt_overrides_it(cli):
+    code, out, _ = cli("describe", "--show-prompt")
     assert (code, out) == (0, tasks.task_prompt("describe") + "\n")
-    code, out, _ = run_cli(cli_env, "table", "--format", "csv", "--show-prompt")
+    code, out, _ = cli("table", "--format", "csv", "--show-prompt")
     assert (code, out) == (0, tasks.task_prompt("table", "csv") + "\n")
-    code, out, _ = run_cli(cli_env, "ocr", "--format", "markdown", "--prompt", "Read it.", "--show-prompt")
+    code, out, _ = cli("ocr", "--format", "markdown", "--prompt", "Read it.", "--show-prompt")
     assert (code, out) == (0, "Read it.\n")
 
 
@@ -110,8 +125,8 @@ def test_show_prompt_prints_the_task_prompt_and_prompt_overrides_it(cli_env):
     (["describe", "a.png", "--device", "gpu"], "--device"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_usage_errors_exit_2(cli_env, images, args, needle):
-    code, out, err = run_cli(cli_env, *args, cwd=images)
+def test_usage_errors_exit_2(cli, images, args, needle):
+    code, out, err = cli(*args, cwd=images)
     assert code == 2, err
     assert needle in err and "Traceback" not in err and out == ""
 
@@ -131,12 +146,31 @@ def test_task_prompts_module():
             bad()
 
 
+def test_console_script_exit_codes(cli_env, images):
+    """The installed `phi3v` console script, a real process: --version 0, usage error 2, bad image 1."""
+    script = shutil.which("phi3v", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("no phi3v console script next to this interpreter")
+
+    def run(*args):
+        proc = subprocess.run([script, *map(str, args)], capture_output=True, text=True, env=cli_env, timeout=60)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    code, out, _ = run("--version")
+    assert code == 0 and out.startswith("phi3v ")
+    code, _, err = run("frobnicate")
+    assert code == 2 and "invalid choice" in err
+    code, out, err = run("describe", images / "nope.png")
+    assert code == 1 and out == ""
+    assert_one_error_line(err, "nope.png: no such file")
+
+
 # ---------------------------------------------------------------------------------------------
 # generating commands: identical to the Python API for the same greedy request
 
 
-def test_describe_json_equals_python_api(cli_env, images, tiny_model, tiny_model_dir):
-    code, out, err = run_cli(cli_env, "describe", images / "a.png", *GEN, "--json")
+def test_describe_json_equals_python_api(cli, images, tiny_model, tiny_model_dir):
+    code, out, err = cli("describe", images / "a.png", *GEN, "--json")
     assert code == 0, err
     result = json.loads(out)
     assert out.count("\n") == 1  # one JSON object on one line
@@ -148,16 +182,17 @@ def test_describe_json_equals_python_api(cli_env, images, tiny_model, tiny_model
     assert result["prompt"] == tasks.task_prompt("describe")
 
 
-def test_ocr_markdown_no_stream_prints_the_api_text(cli_env, images, tiny_model):
-    code, out, err = run_cli(cli_env, "ocr", images / "b.jpg", "--format", "markdown", "--no-stream", *GEN)
+def test_ocr_markdown_no_stream_prints_the_api_text(cli, images, tiny_model):
+    code, out, err = cli("ocr", images / "b.jpg", "--format", "markdown", "--no-stream", *GEN)
     assert code == 0, err
     expected = tiny_model.ask(tasks.task_prompt("ocr", "markdown"), images=[str(images / "b.jpg")], **API)
     assert out == expected.text + "\n"
 
 
 def test_table_from_stdin_equals_python_api(cli_env, images, tiny_model):
+    """A real process: the image bytes come through a real stdin pipe (and `python -m phi3v` exits 0)."""
     data = (images / "a.png").read_bytes()
-    code, out, err = run_cli(cli_env, "table", "-", "--format", "json", *GEN, "--json", stdin=data)
+    code, out, err = run_process(cli_env, "table", "-", "--format", "json", *GEN, "--json", stdin=data)
     assert code == 0, err
     result = json.loads(out)
     assert result["images"] == ["<stdin>"] and result["prompt"] == tasks.task_prompt("table", "json")
@@ -165,9 +200,9 @@ def test_table_from_stdin_equals_python_api(cli_env, images, tiny_model):
     assert_same_as_api(result, expected)
 
 
-def test_compare_two_images_equals_python_api(cli_env, images, tiny_model):
+def test_compare_two_images_equals_python_api(cli, images, tiny_model):
     paths = [images / "a.png", images / "b.jpg"]
-    code, out, err = run_cli(cli_env, "compare", *paths, *GEN, "--json")
+    code, out, err = cli("compare", *paths, *GEN, "--json")
     assert code == 0, err
     result = json.loads(out)
     expected = tiny_model.ask(tasks.task_prompt("compare"), images=[str(p) for p in paths], **API)
@@ -175,9 +210,8 @@ def test_compare_two_images_equals_python_api(cli_env, images, tiny_model):
     assert result["usage"]["image_tokens"] == 2 * 313
 
 
-def test_ask_text_only_streams_the_api_text_and_verbose_timings(cli_env, tiny_model):
-    code, out, err = run_cli(cli_env, "ask", "-p", "Name three colours.", *GEN, "--verbose",
-                             "--stop", "zzzz-never")
+def test_ask_text_only_streams_the_api_text_and_verbose_timings(cli, tiny_model):
+    code, out, err = cli("ask", "-p", "Name three colours.", *GEN, "--verbose", "--stop", "zzzz-never")
     assert code == 0, err
     expected = tiny_model.ask("Name three colours.", **API, stop=("zzzz-never",))
     assert out == expected.text + "\n"
@@ -185,13 +219,13 @@ def test_ask_text_only_streams_the_api_text_and_verbose_timings(cli_env, tiny_mo
         assert word in err, err
 
 
-def test_chat_session_from_stdin(cli_env, images, tiny_model, tmp_path):
+def test_chat_session_from_stdin(cli, images, tiny_model, tmp_path):
     """Three turns, /image between them, /save, /reset, another turn, /save; compared with the API."""
     a, b = images / "a.png", images / "b.jpg"
     script = (f"What is this?\n/image {b}\nAnd this one?\n/image {images / 'missing.png'}\n/bogus\n"
               f"/save {tmp_path / 'one.json'}\n/reset\nHello\n/save {tmp_path / 'two.json'}\n")
     gen = [x if x != "8" else "6" for x in GEN]
-    code, out, err = run_cli(cli_env, "chat", a, *gen, stdin=script)
+    code, out, err = cli("chat", a, *gen, stdin=script)
     assert code == 0, err
     assert "Traceback" not in err
     assert "missing.png: no such file" in err and "unknown command /bogus" in err
@@ -220,13 +254,13 @@ def test_chat_session_from_stdin(cli_env, images, tiny_model, tmp_path):
 # info and download: no weights loaded
 
 
-def test_info_counts_tokens_and_parameters_from_the_folder(cli_env, images, tiny_model_dir):
+def test_info_counts_tokens_and_parameters_from_the_folder(cli, images, tiny_model_dir):
     from safetensors import safe_open
 
     from phi3v.engine.image import crop_grid, num_image_tokens
 
-    code, out, err = run_cli(cli_env, "info", images / "square.png", images / "a.png",
-                             "--num-crops", "4", "--dtype", "float32", "--json")
+    code, out, err = cli("info", images / "square.png", images / "a.png", "--num-crops", "4", "--dtype", "float32",
+                         "--json")
     assert code == 0, err
     info = json.loads(out)
     assert info["num_crops"] == 4
@@ -244,11 +278,11 @@ def test_info_counts_tokens_and_parameters_from_the_folder(cli_env, images, tiny
     assert model["dtype"] == "float32" and model["weights_bytes"] == 4 * stored
     assert model["default_num_crops"] == 2
 
-    code, out, _ = run_cli(cli_env, "info", images / "square.png", "--num-crops", "16")
+    code, out, _ = cli("info", images / "square.png", "--num-crops", "16")
     assert code == 0 and "336×336" in out and "2509  ← chosen" in out  # spec §3.1: 4×4 grid
 
 
-def test_info_reads_every_supported_format_with_exif_orientation(cli_env, tmp_path):
+def test_info_reads_every_supported_format_with_exif_orientation(cli, tmp_path):
     """PNG, JPEG (EXIF orientation 6 = rotated 90°), GIF (first frame of two), WebP, BMP, TIFF."""
     from PIL import Image
 
@@ -261,7 +295,7 @@ def test_info_reads_every_supported_format_with_exif_orientation(cli_env, tmp_pa
     for ext in ("png", "webp", "bmp", "tiff"):
         base.save(tmp_path / f"plain.{ext}")
     names = ["plain.png", "rotated.jpg", "anim.gif", "plain.webp", "plain.bmp", "plain.tiff"]
-    code, out, err = run_cli(cli_env, "info", *names, "--json", cwd=tmp_path)
+    code, out, err = cli("info", *names, "--json", cwd=tmp_path)
     assert code == 0, err
     got = {e["image"]: (e["format"], e["width"], e["height"]) for e in json.loads(out)["images"]}
     assert got == {"plain.png": ("PNG", 60, 20), "rotated.jpg": ("JPEG", 20, 60), "anim.gif": ("GIF", 60, 20),
@@ -269,8 +303,8 @@ def test_info_reads_every_supported_format_with_exif_orientation(cli_env, tmp_pa
 
 
 def test_info_estimates_an_uncached_hub_model_offline(cli_env):
-    code, out, err = run_cli(cli_env, "info", "--model", "microsoft/Phi-3.5-vision-instruct",
-                             "--dtype", "bfloat16", "--json")
+    code, out, err = run_process(cli_env, "info", "--model", "microsoft/Phi-3.5-vision-instruct",
+                                 "--dtype", "bfloat16", "--json")
     assert code == 0, err
     model = json.loads(out)["model"]
     assert model["estimated"] and model["default_num_crops"] == 4
@@ -278,7 +312,7 @@ def test_info_estimates_an_uncached_hub_model_offline(cli_env):
     assert model["weights_bytes"] == 8_293_242_880  # = the real index's total_size
 
 
-def test_info_reads_an_image_from_an_http_url(cli_env, images):
+def test_info_reads_an_image_from_an_http_url(cli, images, monkeypatch):
     """http(s) image arguments, served here from 127.0.0.1 (no outside network)."""
     import functools
     import http.server
@@ -288,14 +322,15 @@ def test_info_reads_an_image_from_an_http_url(cli_env, images):
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {k: v for k, v in cli_env.items() if "proxy" not in k.lower()}
+    for name in [k for k in os.environ if "proxy" in k.lower()]:
+        monkeypatch.delenv(name)
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        code, out, err = run_cli(env, "info", f"{base}/b.jpg", "--json")
+        code, out, err = cli("info", f"{base}/b.jpg", "--json")
         assert code == 0, err
         entry = json.loads(out)["images"][0]
         assert (entry["image"], entry["width"], entry["height"]) == (f"{base}/b.jpg", 30, 40)
-        code, out, err = run_cli(env, "info", f"{base}/absent.png")
+        code, out, err = cli("info", f"{base}/absent.png")
         assert code == 1
         assert_one_error_line(err, "absent.png", "404")
     finally:
@@ -304,10 +339,10 @@ def test_info_reads_an_image_from_an_http_url(cli_env, images):
 
 
 def test_download_prints_the_folder_or_fails_offline(cli_env, tiny_model_dir):
-    code, out, err = run_cli(cli_env, "download", tiny_model_dir)
+    code, out, err = run_process(cli_env, "download", tiny_model_dir)
     assert code == 0, err
     assert Path(out.strip()) == Path(tiny_model_dir).resolve()
-    code, out, err = run_cli(cli_env, "download", "someone/not-a-cached-model")
+    code, out, err = run_process(cli_env, "download", "someone/not-a-cached-model")
     assert code == 1 and out == ""
     assert_one_error_line(err, "someone/not-a-cached-model", "offline", "phi3v download")
 
@@ -329,44 +364,44 @@ def short_context_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def test_error_missing_image(cli_env, images):
-    code, out, err = run_cli(cli_env, "describe", "nope.png", cwd=images)
+def test_error_missing_image(cli, images):
+    code, out, err = cli("describe", "nope.png", cwd=images)
     assert code == 1 and out == ""
     assert_one_error_line(err, "nope.png: no such file", "check the path")
 
 
-def test_error_unsupported_format(cli_env, images):
-    code, out, err = run_cli(cli_env, "ask", "a.png", "notes.png", "-p", "Hi?", cwd=images)
+def test_error_unsupported_format(cli, images):
+    code, out, err = cli("ask", "a.png", "notes.png", "-p", "Hi?", cwd=images)
     assert code == 1 and out == ""
     assert_one_error_line(err, "notes.png", "supported format", "PNG, JPEG")
 
 
-def test_error_prompt_longer_than_the_context_suggests_num_crops(cli_env, images, short_context_dir):
+def test_error_prompt_longer_than_the_context_suggests_num_crops(cli, images, short_context_dir):
     # 336x336 at 16 crops = 2509 image tokens > 2048; at 9 crops (3x3 grid) 1489 tokens fit.
-    code, out, err = run_cli(cli_env, "describe", images / "square.png", "-m", short_context_dir,
-                             "--num-crops", "16", "--max-tokens", "8", "--device", "cpu")
+    code, out, err = cli("describe", images / "square.png", "-m", short_context_dir,
+                         "--num-crops", "16", "--max-tokens", "8", "--device", "cpu")
     assert code == 1 and out == ""
     assert_one_error_line(err, "2509", "2048", "--num-crops 9")
 
 
 def test_error_offline_model_that_is_not_cached(cli_env, images):
-    code, out, err = run_cli(cli_env, "describe", images / "a.png", "-m", "microsoft/Phi-3.5-vision-instruct")
+    code, out, err = run_process(cli_env, "describe", images / "a.png", "-m", "microsoft/Phi-3.5-vision-instruct")
     assert code == 1 and out == ""
     assert_one_error_line(err, "Phi-3.5-vision-instruct", "offline")
 
 
-def test_error_cuda_without_cuda(cli_env, images):
+def test_error_cuda_without_cuda(cli, images):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, out, err = run_cli(cli_env, "describe", images / "a.png", "--device", "cuda")
+    code, out, err = cli("describe", images / "a.png", "--device", "cuda")
     assert code == 1 and out == ""
     assert_one_error_line(err, "CUDA", "--device cpu")
 
 
-def test_verbose_shows_the_traceback(cli_env, images):
-    code, _, err = run_cli(cli_env, "describe", images / "missing.png", "--verbose")
+def test_verbose_shows_the_traceback(cli, images):
+    code, _, err = cli("describe", images / "missing.png", "--verbose")
     assert code == 1 and "Traceback" in err and "phi3v: error:" in err
 
 
@@ -400,10 +435,10 @@ def test_a_command_of_the_table_runs_and_its_errors_are_one_line(monkeypatch, ca
     assert "phi3v: error: bad picture" in err and "hint:" in err and "Traceback" not in err
 
 
-def test_quantize_at_load_equals_the_python_api(cli_env, images, tiny_model_dir):
+def test_quantize_at_load_equals_the_python_api(cli, images, tiny_model_dir):
     import phi3v
 
-    code, out, err = run_cli(cli_env, "describe", images / "a.png", *GEN, "--quantize", "int8", "--json")
+    code, out, err = cli("describe", images / "a.png", *GEN, "--quantize", "int8", "--json")
     assert code == 0, err
     quantized = phi3v.load(str(tiny_model_dir), device="cpu", dtype="float32", progress=False,
                            quantize="int8", prefix_cache=False)
@@ -411,12 +446,12 @@ def test_quantize_at_load_equals_the_python_api(cli_env, images, tiny_model_dir)
     assert_same_as_api(json.loads(out), expected)
 
 
-def test_low_memory_flag_keeps_the_answer(cli_env, images, tiny_model_dir):
+def test_low_memory_flag_keeps_the_answer(cli, images, tiny_model_dir):
     import phi3v
 
     expected = phi3v.load(str(tiny_model_dir), device="cpu", dtype="float32", progress=False,
                           prefix_cache=False).ask(tasks.task_prompt("describe"), images=[str(images / "a.png")], **API)
     for flag in ("--low-memory", "--no-low-memory"):
-        code, out, err = run_cli(cli_env, "describe", images / "a.png", *GEN, flag, "--json")
+        code, out, err = cli("describe", images / "a.png", *GEN, flag, "--json")
         assert code == 0, err
         assert_same_as_api(json.loads(out), expected)
