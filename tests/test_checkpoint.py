@@ -1,4 +1,4 @@
-"""phi3v.engine.checkpoint: strict safetensors loading and model-folder resolution (no network)."""
+"""phi3v.engine.weights (strict safetensors loading) and phi3v.engine.hub (model-folder resolution, no network)."""
 
 import json
 import shutil
@@ -13,12 +13,12 @@ from huggingface_hub.utils import LocalEntryNotFoundError, are_progress_bars_dis
 from safetensors import safe_open
 from torch import nn
 
-from phi3v.engine import checkpoint
+from phi3v.engine import hub, weights
 from phi3v.errors import CheckpointError, ModelNotFoundError
 from phi3v.testing import make_tiny_checkpoint
 
 VISION = r"^model\.vision_embed_tokens\."
-REAL_DOWNLOAD = checkpoint._download
+REAL_DOWNLOAD = hub._download
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def file_mappings() -> list[tuple[int, int, str]]:
 
 def test_bf16_cpu_load_is_exact_and_zero_copy(tiny):
     m = TinyDecoderPart()
-    checkpoint.load_weights(m, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(m, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP)
     params = dict(m.named_parameters())
     ref = stored(tiny)
     assert sorted(params) == sorted(PART_NAMES)
@@ -104,7 +104,7 @@ def test_bf16_cpu_load_is_exact_and_zero_copy(tiny):
 
 def test_float32_load_upcasts_exactly(tiny):
     m = TinyDecoderPart()
-    checkpoint.load_weights(m, tiny, dtype="float32", device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(m, tiny, dtype="float32", device="cpu", skip_unused=PART_SKIP)
     ref = stored(tiny)
     for name, p in m.named_parameters():
         assert p.dtype == torch.float32
@@ -114,7 +114,7 @@ def test_float32_load_upcasts_exactly(tiny):
 def test_meta_device_module_is_fully_materialised(tiny):
     with torch.device("meta"):
         m = TinyDecoderPart()
-    checkpoint.load_weights(m, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(m, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP)
     assert not any(p.is_meta for p in m.parameters())
     ref = stored(tiny)
     assert torch.equal(m.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
@@ -125,7 +125,7 @@ def test_meta_device_module_is_fully_materialised(tiny):
 def test_dtype_for_overrides_single_tensors(tiny):
     m = TinyDecoderPart()
     keep_fp32 = lambda name: torch.float32 if name == "model.norm.weight" else None  # noqa: E731
-    checkpoint.load_weights(m, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP,
+    weights.load_weights(m, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP,
                             dtype_for=keep_fp32)
     assert m.model.norm.weight.dtype == torch.float32
     assert m.lm_head.weight.dtype == torch.bfloat16
@@ -135,8 +135,8 @@ def test_sharded_checkpoint_loads_the_same_values(tmp_path, tiny):
     sharded = make_tiny_checkpoint(tmp_path / "sharded", shards=3)
     assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) == 60
     a, b = TinyDecoderPart(), TinyDecoderPart()
-    checkpoint.load_weights(a, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
-    checkpoint.load_weights(b, sharded, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(a, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(b, sharded, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
 
@@ -144,14 +144,14 @@ def test_sharded_checkpoint_loads_the_same_values(tmp_path, tiny):
 def test_full_checkpoint_with_unused_clip_tensors_skipped(tiny):
     # Every tensor but CLIP's post_layernorm and last layer (unused by Phi-3-V, spec §2).
     shapes = {k: tuple(v.shape) for k, v in stored(tiny).items()}
-    unused = checkpoint.unused_vision_patterns(num_vision_layers=2)
+    unused = weights.unused_vision_patterns(num_vision_layers=2)
     used = {k: s for k, s in shapes.items() if ".post_layernorm." not in k and ".encoder.layers.1." not in k}
     assert len(used) == len(shapes) - 2 - 16
     with torch.device("meta"):
         m = module_with(used)
     with pytest.raises(CheckpointError, match=r"18 unexpected tensor\(s\).*encoder\.layers\.1\.layer_norm1"):
-        checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu")
-    checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=unused)
+        weights.load_weights(m, tiny, dtype=torch.float32, device="cpu")
+    weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=unused)
     loaded = dict(m.named_parameters())
     assert loaded.keys() == used.keys() and not any(p.is_meta for p in loaded.values())
 
@@ -161,7 +161,7 @@ def test_missing_tensor_names_it_and_leaves_module_untouched(tiny):
         m = TinyDecoderPart()
         m.model.extra = nn.Linear(4, 4)
     with pytest.raises(CheckpointError, match="missing") as err:
-        checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
+        weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
     assert "model.extra.weight" in str(err.value) and "model.extra.bias" in str(err.value)
     assert m.lm_head.weight.is_meta  # validation happens before any assignment
 
@@ -169,13 +169,13 @@ def test_missing_tensor_names_it_and_leaves_module_untouched(tiny):
 def test_missing_list_is_capped_at_ten_names(tiny):
     m = module_with({f"model.ghost{i}.weight": (2,) for i in range(15)})
     with pytest.raises(CheckpointError, match=r"15 tensor\(s\) missing.*and 5 more"):
-        checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=[".*"])
+        weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=[".*"])
 
 
 def test_unexpected_tensors_are_named(tiny):
     m = TinyDecoderPart()
     with pytest.raises(CheckpointError, match="unexpected") as err:
-        checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP[1:])
+        weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP[1:])
     assert "model.vision_embed_tokens.glb_GN" in str(err.value)
 
 
@@ -183,7 +183,7 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tiny):
     m = TinyDecoderPart()
     m.lm_head = nn.Linear(64, 1000, bias=False)
     with pytest.raises(CheckpointError, match=r"lm_head\.weight: checkpoint \[32064, 64\] vs module \[1000, 64\]"):
-        checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
+        weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
 
 
 def test_shared_module_is_loaded_once_and_stays_tied(tiny):
@@ -191,7 +191,7 @@ def test_shared_module_is_loaded_once_and_stays_tied(tiny):
     m = TinyDecoderPart()
     m.model.vision_embed_tokens = nn.Module()
     m.model.vision_embed_tokens.wte = m.model.embed_tokens
-    checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
     assert m.model.vision_embed_tokens.wte.weight is m.model.embed_tokens.weight
     assert torch.equal(m.model.embed_tokens.weight, stored(tiny)["model.embed_tokens.weight"].float())
 
@@ -201,13 +201,13 @@ def test_non_persistent_buffers(tiny):
         m = TinyDecoderPart()
         m.register_buffer("rope_cache", torch.zeros(3), persistent=False)
     with pytest.raises(CheckpointError, match="rope_cache"):
-        checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
-    checkpoint.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP,
+        weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(m, tiny, dtype=torch.float32, device="cpu", skip_unused=PART_SKIP,
                             allow_meta_buffers=True)
     assert m.rope_cache.is_meta and not m.lm_head.weight.is_meta
     cpu = TinyDecoderPart()
     cpu.register_buffer("rope_cache", torch.arange(3.0), persistent=False)
-    checkpoint.load_weights(cpu, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP)
+    weights.load_weights(cpu, tiny, dtype=torch.bfloat16, device="cpu", skip_unused=PART_SKIP)
     assert cpu.rope_cache.dtype == torch.float32  # not a checkpoint tensor: dtype untouched
 
 
@@ -215,16 +215,16 @@ def test_broken_folders_raise_checkpoint_error(tmp_path, tiny):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no weights"):
-        checkpoint.load_weights(TinyDecoderPart(), empty, dtype=torch.float32, device="cpu")
+        weights.load_weights(TinyDecoderPart(), empty, dtype=torch.float32, device="cpu")
     sharded = make_tiny_checkpoint(tmp_path / "sharded", shards=2)
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        checkpoint.load_weights(TinyDecoderPart(), sharded, dtype=torch.float32, device="cpu")
+        weights.load_weights(TinyDecoderPart(), sharded, dtype=torch.float32, device="cpu")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
-        checkpoint.load_weights(TinyDecoderPart(), corrupt, dtype=torch.float32, device="cpu")
+        weights.load_weights(TinyDecoderPart(), corrupt, dtype=torch.float32, device="cpu")
 
 
 # --------------------------------------------------------------------------- resolve_model_dir
@@ -245,19 +245,19 @@ def hf_cache(tmp_path, monkeypatch) -> Path:
     def no_network(*args, **kwargs):
         raise AssertionError("resolve_model_dir tried the network")
 
-    monkeypatch.setattr(checkpoint, "_download", no_network)
+    monkeypatch.setattr(hub, "_download", no_network)
     return cache
 
 
 def test_local_folder_resolves_to_itself(tiny):
-    assert checkpoint.resolve_model_dir(str(tiny)) == tiny.resolve()
-    assert checkpoint.resolve_model_dir(tiny) == tiny.resolve()
+    assert hub.resolve_model_dir(str(tiny)) == tiny.resolve()
+    assert hub.resolve_model_dir(tiny) == tiny.resolve()
 
 
 def test_local_folder_without_config_json(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
-        checkpoint.resolve_model_dir(tmp_path)
+        hub.resolve_model_dir(tmp_path)
 
 
 def test_cached_hub_id_resolves_without_network(hf_cache, tiny, monkeypatch):
@@ -266,18 +266,18 @@ def test_cached_hub_id_resolves_without_network(hf_cache, tiny, monkeypatch):
     shutil.copytree(tiny, snapshot)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text(commit)
-    assert checkpoint.resolve_model_dir("microsoft/Phi-3.5-vision-instruct") == snapshot
-    assert checkpoint.resolve_model_dir("microsoft/Phi-3.5-vision-instruct", revision=commit) == snapshot
+    assert hub.resolve_model_dir("microsoft/Phi-3.5-vision-instruct") == snapshot
+    assert hub.resolve_model_dir("microsoft/Phi-3.5-vision-instruct", revision=commit) == snapshot
     # A cached model is used even when the hub is offline.
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    assert checkpoint.resolve_model_dir("microsoft/Phi-3.5-vision-instruct", progress=False) == snapshot
+    assert hub.resolve_model_dir("microsoft/Phi-3.5-vision-instruct", progress=False) == snapshot
 
 
 def test_offline_and_not_cached_gives_a_helpful_error(hf_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotFoundError) as err:
-        checkpoint.resolve_model_dir("microsoft/Phi-3-vision-128k-instruct", progress=False)
+        hub.resolve_model_dir("microsoft/Phi-3-vision-128k-instruct", progress=False)
     msg = str(err.value)
     assert "not in the Hugging Face cache" in msg and "offline" in msg
     assert 'phi3v.load("/path/to/folder")' in msg and "--model /path" in msg
@@ -285,7 +285,7 @@ def test_offline_and_not_cached_gives_a_helpful_error(hf_cache, monkeypatch):
 
 def test_unreachable_hub_and_not_cached(hf_cache, monkeypatch):
     # No HF_HUB_OFFLINE, but the network is down: huggingface_hub raises LocalEntryNotFoundError.
-    monkeypatch.setattr(checkpoint, "_download", REAL_DOWNLOAD)  # the fixture blocked it
+    monkeypatch.setattr(hub, "_download", REAL_DOWNLOAD)  # the fixture blocked it
     calls = []
 
     def fake_snapshot_download(repo_id, **kwargs):
@@ -295,7 +295,7 @@ def test_unreachable_hub_and_not_cached(hf_cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     bars_before = are_progress_bars_disabled()
     with pytest.raises(ModelNotFoundError, match="cannot be reached") as err:
-        checkpoint.resolve_model_dir("microsoft/Phi-3-vision-128k-instruct", progress=False)
+        hub.resolve_model_dir("microsoft/Phi-3-vision-128k-instruct", progress=False)
     assert "--model /path" in str(err.value)
     assert calls == [(True, bars_before), (False, True)]  # cache first; bars off for the download
     assert are_progress_bars_disabled() == bars_before  # and restored afterwards
@@ -304,10 +304,10 @@ def test_unreachable_hub_and_not_cached(hf_cache, monkeypatch):
 @pytest.mark.parametrize("name", ["not a model!", "microsoft", "/no/such/folder", "./missing", "a/b/c"])
 def test_unknown_names(hf_cache, name):
     with pytest.raises(ModelNotFoundError, match="unknown model") as err:
-        checkpoint.resolve_model_dir(name)
+        hub.resolve_model_dir(name)
     assert "microsoft/Phi-3-vision-128k-instruct" in str(err.value) and "local folder" in str(err.value)
 
 
 def test_a_file_is_not_a_model_folder(tiny):
     with pytest.raises(ModelNotFoundError, match="is a file"):
-        checkpoint.resolve_model_dir(tiny / "config.json")
+        hub.resolve_model_dir(tiny / "config.json")

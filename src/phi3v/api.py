@@ -19,51 +19,18 @@ import torch
 
 from .engine import chat_template as chat_format
 from .engine.batched import BatchRow, BatchStream
-from .engine.checkpoint import load_weights, resolve_model_dir
-from .engine.config import ROPE_SWITCH_POLICIES, Phi3VConfig
-from .engine.decoder import LongRoPE
-from .errors import DeviceError, Phi3VError, PromptTooLongError, TooManyImagesError
+from .engine.config import Phi3VConfig
+from .errors import Phi3VError, PromptTooLongError, TooManyImagesError
 from .engine.feature_cache import ImageFeatureCache, decoded_image_key, image_keys
 from .engine.generate import GenerationState, TextAssembler, generate_ids
 from .engine.image import ImageBatch, ImageSourcePolicy, open_image, preprocess
+from .engine.loader import load_engine
 from .engine.model import Phi3VForCausalLM
 from .options import GenerationOptions
 from .kernels.page_out import page_out
 from .engine.prefix_cache import RetainedConversation, reusable_prefix
 from .results import Completion, Timings, Usage
 from .engine.tokenizer import Tokenizer
-from .engine.vision import unused_vision_keys
-
-QUANTIZATION_KEY = "phi3v_quantization"  # config.json key of a quantized checkpoint (see quantize.py)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA was requested but no CUDA device is available (use --device cpu or auto)")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise DeviceError("MPS was requested but is not available on this machine (use --device cpu or auto)")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        # bf16 halves memory and is what the checkpoints store; MPS lacks full bf16 support.
-        return torch.float32 if device.type == "mps" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise DeviceError(f"unknown dtype {dtype!r} (choose float32 or bfloat16)") from None
-
 
 @dataclass
 class PreparedPrompt:
@@ -147,8 +114,9 @@ class Phi3V:
              revision: str | None = None, image_policy: ImageSourcePolicy | None = None,
              max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True,
              quantize: str | None = None, rope_switch: str | None = None,
-             low_memory: bool | None = None) -> Phi3V:
-        """Load a checkpoint folder or hub id. dtype None = bfloat16 (float32 on MPS).
+             low_memory: bool | None = None, model_dir: str | Path | None = None) -> Phi3V:
+        """Load a checkpoint folder or hub id (phi3v.engine.loader). dtype None = bfloat16
+        (float32 on MPS); any of phi3v.engine.devices.DTYPES' names.
 
         rope_switch: what happens when a generation crosses 4096 tokens (spec §7.4): "mixed"
         (Phi-3-vision's reference: keep the cache) or "recompute" (Phi-3.5-vision's reference:
@@ -161,31 +129,15 @@ class Phi3V:
         low_memory: after each image encoding on the CPU, hand the vision tower's memory-mapped
         weight pages back to the OS (phi3v.kernels.page_out; ~0.58 GiB less resident while the decoder runs,
         re-read from the page cache at the next image). None = on for quantized models.
+        model_dir: the folder `model` was already resolved to (the CLI resolves first, to show a
+        download's progress); `model` then only names the model (Phi3V.name).
         """
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        model_dir = resolve_model_dir(str(model), progress=progress, revision=revision)
-        cfg = Phi3VConfig.from_dir(model_dir)
-        if rope_switch is not None:
-            if rope_switch not in ROPE_SWITCH_POLICIES:
-                raise Phi3VError(f"rope_switch must be one of {', '.join(ROPE_SWITCH_POLICIES)}, got {rope_switch!r}")
-            cfg.rope_switch = rope_switch
-        tokenizer = Tokenizer.from_dir(model_dir)
-        if quantize is not None or QUANTIZATION_KEY in cfg.raw:
-            from .quant.checkpoint import load_quantized_module
-
-            module = load_quantized_module(cfg, model_dir, dtype=dt, device=dev, requested=quantize)
-        else:
-            with torch.device("meta"):
-                module = Phi3VForCausalLM(cfg)
-            module.model.rotary = LongRoPE(cfg.text)  # computed, not stored in the checkpoint
-            load_weights(module, model_dir, dtype=dt, device=dev, skip_unused=unused_vision_keys(cfg.vision))
-            module.model.rotary.to(dev)
-            module.eval()
+        loaded = load_engine(model, device=device, dtype=dtype, revision=revision, progress=progress,
+                             quantize=quantize, rope_switch=rope_switch, model_dir=model_dir)
         if low_memory is None:
-            low_memory = getattr(module, "quantization", None) is not None
-        return cls(module, cfg, tokenizer, str(model), model_dir, image_policy, max_context,
-                   image_cache_mb=image_cache_mb, prefix_cache=prefix_cache, low_memory=low_memory)
+            low_memory = getattr(loaded.module, "quantization", None) is not None
+        return cls(loaded.module, loaded.config, loaded.tokenizer, str(model), loaded.model_dir, image_policy,
+                   max_context, image_cache_mb=image_cache_mb, prefix_cache=prefix_cache, low_memory=low_memory)
 
     @property
     def device(self) -> torch.device:

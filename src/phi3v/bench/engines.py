@@ -104,7 +104,7 @@ class TransformersEngine:
         import transformers
         from safetensors import safe_open
 
-        from ..engine.checkpoint import checkpoint_files
+        from ..engine.weights import checkpoint_files
         from ..engine.config import Phi3VConfig
         from ..engine.tokenizer import Tokenizer
 

@@ -28,7 +28,7 @@ def default_data_dir() -> Path:
 def ensure_checkpoint(model: str | None, data_dir: Path, log) -> Path:
     """The given checkpoint (folder or hub id), or a random full-size one made once in data_dir."""
     if model:
-        from ..engine.checkpoint import resolve_model_dir
+        from ..engine.hub import resolve_model_dir
 
         return resolve_model_dir(model)
     folder = data_dir / RANDOM_NAME

@@ -36,10 +36,14 @@ class LongRoPE(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d = cfg.head_dim
-        exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # (D/2,) fp32 like the reference
+        # The tables are computed on the CPU in fp32 like the reference, whatever the default device:
+        # a module built on the meta device (engine.model.meta_module) has them ready, and loading
+        # only moves them (they are not in the checkpoint).
+        cpu = torch.device("cpu")
+        exponent = torch.arange(0, d, 2, dtype=torch.int64, device=cpu).float() / d  # (D/2,)
         base = cfg.rope_theta**exponent
-        short = torch.tensor(cfg.rope_short_factor or [1.0] * (d // 2), dtype=torch.float32)
-        long = torch.tensor(cfg.rope_long_factor or [1.0] * (d // 2), dtype=torch.float32)
+        short = torch.tensor(cfg.rope_short_factor or [1.0] * (d // 2), dtype=torch.float32, device=cpu)
+        long = torch.tensor(cfg.rope_long_factor or [1.0] * (d // 2), dtype=torch.float32, device=cpu)
         self.register_buffer("inv_freq_short", 1.0 / (short * base), persistent=False)
         self.register_buffer("inv_freq_long", 1.0 / (long * base), persistent=False)
         self.uses_long_rope = cfg.uses_long_rope  # seq_len -> bool, the config's 4096 rule

@@ -83,3 +83,10 @@ class Phi3VForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., hidden) -> float32 logits (..., vocab)."""
         return self.lm_head(hidden).float()
+
+
+def meta_module(cfg: Phi3VConfig) -> Phi3VForCausalLM:
+    """The module's structure without memory: every tensor on the meta device (shapes only).
+    The loader fills it from the checkpoint (engine.loader); engine.facts counts its parameters."""
+    with torch.device("meta"):
+        return Phi3VForCausalLM(cfg)

@@ -33,7 +33,11 @@ class ClipEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False
         )
-        self.position_embedding = nn.Embedding(cfg.num_patches_per_side**2 + 1, cfg.hidden_size)
+        # _weight skips the random init: the checkpoint overwrites it, and normal_ on the meta device
+        # runs a Python reference that imports torch._dynamo (~0.7 s of every load and `phi3v info`).
+        positions = cfg.num_patches_per_side**2 + 1
+        self.position_embedding = nn.Embedding(positions, cfg.hidden_size,
+                                               _weight=torch.empty(positions, cfg.hidden_size))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, 336, 336) -> (N, 577, C): CLS first, patches in raster order."""

@@ -1,13 +1,15 @@
-"""Quantized models on disk and in memory: build one at load time, write one, read one back.
+"""Quantized models on disk and in memory: fill one at load time, write one, read one back.
 
-    load_quantized_module(cfg, model_dir, dtype=..., device=..., requested="int4")
-        float checkpoint + requested scheme -> quantize while loading;
+    resolve_scheme(cfg, requested) -> QuantConfig | None   the scheme a load uses (or None: float)
+    load_quantized_weights(module, cfg, model_dir, qc, dtype=..., device=...)
+        fills a module built on the meta device by engine.loader (which also made its RoPE tables):
+        float checkpoint -> quantize the target linears while loading;
         quantized checkpoint (config.json has CONFIG_KEY) -> load its tensors directly.
     quantize_checkpoint(src_dir, out_dir, "int4")  streams a float checkpoint into a quantized one
     save_quantized(model, out_dir)                 writes a model quantized in memory
 
 Memory: the float parts (embeddings, norms, lm_head, vision unless quantized) load through
-checkpoint.load_weights (memory-mapped, zero copy in the stored dtype).  The quantized layers'
+engine.weights.load_weights (memory-mapped, zero copy in the stored dtype).  The quantized layers'
 tensors are read one at a time with plain file reads (`TensorReader`), never through the mapping,
 so the pages of the float weights being quantized do not stay resident: peak memory is the
 quantized model plus one float tensor.
@@ -28,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.checkpoint import INDEX_FILE, checkpoint_files, load_weights
 from ..engine.config import Phi3VConfig
-from ..engine.decoder import LongRoPE
+from ..engine.hub import INDEX_FILE
+from ..engine.model import Phi3VForCausalLM, meta_module
+from ..engine.weights import checkpoint_files, load_weights
 from ..errors import CheckpointError, Phi3VError
-from ..engine.model import Phi3VForCausalLM
 from .layers import (CONFIG_KEY, QuantConfig, checkpoint_quantization, new_quantized_linear,
                        portable_tensors, quantize_weight, quantized_layers, set_submodule,
                        target_linear_names)
@@ -115,16 +117,11 @@ def _layer_pattern(names: list[str]) -> str:
     return rf"^(?:{alternatives})\.(?:weight|bias|qweight|scales|zeros)$"
 
 
-def load_quantized_module(cfg: Phi3VConfig, model_dir, *, dtype: torch.dtype, device: torch.device,
-                          requested=None) -> Phi3VForCausalLM:
-    """Build the module with the target linears quantized (see the module docstring)."""
-    qc = resolve_scheme(cfg, requested)
-    if qc is None:
-        raise CheckpointError("no quantization requested and the checkpoint is not quantized")
+def load_quantized_weights(module: Phi3VForCausalLM, cfg: Phi3VConfig, model_dir, qc: QuantConfig, *,
+                           dtype: torch.dtype, device: torch.device) -> Phi3VForCausalLM:
+    """Fill `module` (built on the meta device, RoPE tables already made) with the target linears
+    quantized as `qc` says (see the module docstring); returns it, with `module.quantization` set."""
     stored = checkpoint_quantization(cfg.raw) is not None
-    with torch.device("meta"):
-        module = Phi3VForCausalLM(cfg)
-    module.model.rotary = LongRoPE(cfg.text)  # computed, not stored
     targets = target_linear_names(module, qc)
     shapes = {}
     for name in targets:
@@ -150,9 +147,8 @@ def load_quantized_module(cfg: Phi3VConfig, model_dir, *, dtype: torch.dtype, de
             del weight
         set_submodule(module, name, _to_device(layer, device))
         release_free_memory()
-    module.model.rotary.to(device)
     module.quantization = qc
-    return module.eval()
+    return module
 
 
 def release_free_memory() -> None:
@@ -284,8 +280,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme, *, shard_bytes: int = SHARD_BY
     cfg = Phi3VConfig.from_dir(src_dir)
     if checkpoint_quantization(cfg.raw) is not None:
         raise CheckpointError(f"{src_dir} is already quantized; quantize the float checkpoint instead")
-    with torch.device("meta"):
-        targets = set(target_linear_names(Phi3VForCausalLM(cfg), qc))
+    targets = set(target_linear_names(meta_module(cfg), qc))
     reader = TensorReader(src_dir)
     for name in targets:
         if name + ".weight" not in reader:
