@@ -21,18 +21,6 @@ def ratio(metric: str, ours: float, base: float) -> float | None:
     return ours / base if metric.endswith("_tok_s") else base / ours
 
 
-def decode_bytes_per_token(weights: dict) -> dict[str, float]:
-    """Bytes a decode step must read per variant (decoder linears + lm_head + norms), from the
-    parameter counts in `weights` (see runner.weight_counts)."""
-    linear = weights["decoder_linear_params"]
-    other = weights["lm_head_params"] * 2 + weights["norm_params"] * 2
-    return {
-        "bf16": linear * 2 + other,
-        "int8": linear * 1 + weights["decoder_linear_rows"] * 2 + other,  # + one bf16 scale per row
-        "int4": linear * 0.5 + linear / weights["group_size"] * 4 + other,  # + bf16 scale & zero per group
-    }
-
-
 def build_report(results: dict[str, dict], env: dict) -> dict:
     """results: variant -> worker JSON.  Returns the full report (also what is written as JSON)."""
     report = {"env": env, "variants": {}, "ratios": {}, "goals": []}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .report import build_report, decode_bytes_per_token, markdown_table
+from .report import build_report, markdown_table
 from .variants import DEFAULT_VARIANTS, VARIANTS, VISION_VARIANTS
 RANDOM_NAME = "phi3v-full-random"
 
@@ -94,18 +94,18 @@ def _median_time(fn, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def weight_counts(model_dir: Path, group_size: int = 128) -> dict:
+def weight_facts(model_dir: Path, group_size: int = 128) -> tuple[dict, dict[str, int]]:
+    """(the parameter counts decode speed depends on, the weight bytes one decode step reads per
+    variant: bf16 and the int8 / int4 decoder linears), both from phi3v.engine.facts."""
     from ..engine.config import Phi3VConfig
+    from ..engine.facts import model_facts
 
-    t = Phi3VConfig.from_dir(model_dir).text
-    qkv = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-    per_layer_rows = qkv + t.hidden_size + 2 * t.intermediate_size + t.hidden_size
-    per_layer = (qkv * t.hidden_size + t.hidden_size * t.num_attention_heads * t.head_dim
-                 + 2 * t.intermediate_size * t.hidden_size + t.hidden_size * t.intermediate_size)
-    return {"decoder_linear_params": per_layer * t.num_hidden_layers,
-            "decoder_linear_rows": per_layer_rows * t.num_hidden_layers,
-            "lm_head_params": t.vocab_size * t.hidden_size,
-            "norm_params": (2 * t.num_hidden_layers + 1) * t.hidden_size, "group_size": group_size}
+    f = model_facts(Phi3VConfig.from_dir(model_dir))
+    counts = {"decoder_linear_params": f.decoder_linear_params, "decoder_linear_rows": f.decoder_linear_rows,
+              "lm_head_params": f.lm_head_params, "norm_params": f.norm_params, "group_size": group_size}
+    decode_bytes = {"bf16": f.decode_weight_bytes("bfloat16"), "int8": f.decode_weight_bytes("bfloat16", "int8"),
+                    "int4": f.decode_weight_bytes("bfloat16", f"int4:{group_size}")}
+    return counts, decode_bytes
 
 
 def checkpoint_bytes(folder: Path) -> int:
@@ -134,14 +134,14 @@ def run_benchmark(model: str | None = None, *, data_dir: Path | None = None, var
             if took is not None:
                 quantize_s[scheme] = took
 
-    counts = weight_counts(source)
+    counts, decode_bytes = weight_facts(source)
     env = {
         "checkpoint": str(source), "torch": torch.__version__, "threads": threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick,
         "bf16_weight_gib": checkpoint_bytes(source) / 2**30,
         "checkpoint_gib": {v: checkpoint_bytes(folders[v]) / 2**30 for v in variants},
         "quantize_checkpoint_s": quantize_s, "weights": counts,
-        "decode_bytes_per_token": decode_bytes_per_token(counts),
+        "decode_bytes_per_token": decode_bytes,
         "read_bandwidth_gbs": read_bandwidth_gbs(threads),
         "command": " ".join(sys.argv),
     }

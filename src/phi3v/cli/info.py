@@ -2,17 +2,11 @@
 
 For each image: its size (EXIF orientation applied), and for each --num-crops value the HD
 crop grid and the number of image tokens (phi3v.engine.image.crop_grid / num_image_tokens).
-For the model: the parameter count computed from config.json (a local folder or a hub id
-already in the Hugging Face cache; nothing is downloaded), or from the known real
-Phi-3-vision configuration when neither is available, and the memory the weights and the
-KV cache take in the chosen dtype.
-
-Parameter count (spec §0/§2; verified against the tensor sizes of the tiny checkpoints):
-  decoder   = V·H (embed) + V·H (lm_head, unless tied) + H (final norm)
-              + L · [2H (norms) + H·(H + 2·kv·hd) (qkv) + H·H (o) + H·2I (gate_up) + I·H (down)]
-  CLIP      = C (class) + C·3·p² (patch conv, no bias) + (P+1)·C (positions) + 4C (pre/post LN)
-              + Lv · [4C (2 LN) + 4(C² + C) (q, k, v, out) + (Iv·C + Iv) + (C·Iv + C) (fc1, fc2)]
-  projector = (4D·H + H) + (H·H + H) with D = image_dim_out, plus 2·4D for glb_GN and sub_GN
+For the model: config.json (a local folder or a hub id already in the Hugging Face cache;
+nothing is downloaded), or the published Phi-3-vision configuration when neither is available;
+its parameter count, the memory the weights and the KV cache take in the chosen dtype, and the
+context come from phi3v.engine.facts (the module counted on the meta device; torch is imported
+only when the model numbers are computed, not for --help).
 """
 
 from __future__ import annotations
@@ -24,18 +18,7 @@ from pathlib import Path
 from ..errors import ModelNotFoundError
 from .arguments import HelpFormatter, model_parent, output_parent
 
-# The sizes that matter of the real configs (both models share them), used when no config
-# file is at hand. The CLIP tower is not described in the real config.json: it is ViT-L/14-336.
-REAL_CONFIG = {
-    "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "tie_word_embeddings": False,
-    "max_position_embeddings": 131072, "img_processor": {"image_dim_out": 1024},
-}
-CLIP_L14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                "num_channels": 3, "image_size": 336, "patch_size": 14}
-KNOWN_NUM_CROPS = {"microsoft/Phi-3-vision-128k-instruct": 16, "microsoft/Phi-3.5-vision-instruct": 4}
 STANDARD_NUM_CROPS = (1, 4, 9, 16)
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def find_config_files(model: str) -> tuple[dict | None, dict | None, str]:
@@ -69,63 +52,26 @@ def find_config_files(model: str) -> tuple[dict | None, dict | None, str]:
     return json.loads(Path(cfg_path).read_text()), pre, "the Hugging Face cache"
 
 
-def parameter_counts(cfg: dict) -> dict[str, int]:
-    """{"decoder", "vision", "projector", "total"} parameter counts from a config.json dict."""
-    V, H = cfg["vocab_size"], cfg["hidden_size"]
-    I, L = cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    hd = H // heads
-    per_layer = 2 * H + H * (H + 2 * kv * hd) + H * H + H * 2 * I + I * H
-    embeddings = V * H * (1 if cfg.get("tie_word_embeddings") else 2)
-    decoder = embeddings + H + L * per_layer
-
-    vis = {**CLIP_L14_336, **(cfg.get("vision_config") or {})}
-    C, Iv, Lv = vis["hidden_size"], vis["intermediate_size"], vis["num_hidden_layers"]
-    patch, side, chans = vis["patch_size"], vis["image_size"], vis.get("num_channels", 3)
-    positions = (side // patch) ** 2 + 1
-    clip_layer = 4 * C + 4 * (C * C + C) + (Iv * C + Iv) + (C * Iv + C)
-    vision = C + C * chans * patch * patch + positions * C + 4 * C + Lv * clip_layer
-
-    D = (cfg.get("img_processor") or {}).get("image_dim_out", C)
-    projector = (4 * D * H + H) + (H * H + H) + 2 * 4 * D
-    return {"decoder": decoder, "vision": vision, "projector": projector,
-            "total": decoder + vision + projector}
-
-
-def kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> int:
-    """Keys + values of every decoder layer for one position."""
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads") or heads
-    return 2 * cfg["num_hidden_layers"] * kv * (cfg["hidden_size"] // heads) * dtype_bytes
-
-
-def resolve_dtype(dtype: str | None, device: str) -> str:
-    """The dtype phi3v.load picks for dtype=None (bfloat16; float32 on MPS), unless one is given."""
-    if dtype not in (None, "auto"):
-        return dtype
-    return "float32" if device == "mps" else "bfloat16"
-
-
 def model_info(model: str, dtype: str, device: str) -> dict:
+    """The model's numbers for `info`: from its config files, or the published configuration."""
+    from ..engine.config import Phi3VConfig
+    from ..engine.devices import dtype_name, resolve_dtype
+    from ..engine.facts import model_facts, published_config
+
     cfg, pre, source = find_config_files(model)
     estimated = cfg is None
-    if estimated:
-        cfg = REAL_CONFIG
-    default_crops = (pre or {}).get("num_crops") or KNOWN_NUM_CROPS.get(model, 16)
-    counts = parameter_counts(cfg)
-    dtype = resolve_dtype(dtype, device)
-    nbytes = DTYPE_BYTES[dtype]
+    facts = model_facts(published_config(model) if estimated else Phi3VConfig.from_dicts(cfg, pre))
+    dt = resolve_dtype(dtype, device)  # what phi3v.load would pick for this --dtype and --device
     return {
         "model": model,
         "config_source": source,
         "estimated": estimated,
-        "default_num_crops": int(default_crops),
-        "context_length": int(cfg.get("max_position_embeddings", 131072)),
-        "parameters": counts,
-        "dtype": dtype,
-        "weights_bytes": counts["total"] * nbytes,
-        "kv_cache_bytes_per_token": kv_bytes_per_token(cfg, nbytes),
+        "default_num_crops": facts.default_num_crops,
+        "context_length": facts.context_length,
+        "parameters": dict(facts.parameters),
+        "dtype": dtype_name(dt),
+        "weights_bytes": facts.weight_bytes(dt),
+        "kv_cache_bytes_per_token": facts.kv_cache_bytes_per_token(dt),
     }
 
 
