@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.devices import parse_dtype
 from ..options import GenerationOptions
 
 _NO_STOP = frozenset({-1})  # no token id is negative: generation always runs n tokens
@@ -97,7 +98,7 @@ class TransformersEngine:
 
     def __init__(self, model_dir: Path, dtype: str = "bfloat16"):
         self.model_dir = Path(model_dir)
-        self.dtype = getattr(torch, dtype)
+        self.dtype = parse_dtype(dtype)
         self.lm = self.clip = self.glue = None
 
     def load(self) -> None:
