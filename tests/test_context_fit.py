@@ -14,7 +14,7 @@ import pytest
 import phi3v
 from phi3v.errors import PromptTooLongError
 
-CONTEXT = 64
+CONTEXT = 40
 
 
 @pytest.fixture(scope="module")
