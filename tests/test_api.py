@@ -11,7 +11,8 @@ from PIL import Image
 
 import phi3v
 from phi3v.api import Phi3V
-from phi3v.engine.generate import GenerationState, StopMatcher, generate_ids
+from phi3v.engine.generate import GenerationState, generate_ids
+from phi3v.engine.text import StopMatcher
 
 
 def _png(w=48, h=40, seed=0) -> bytes:
@@ -93,7 +94,7 @@ def test_top_k_one_is_greedy(tiny_model):
 
 
 def test_repetition_penalty_demotes_seen_tokens():
-    from phi3v.engine.generate import Sampler
+    from phi3v.engine.sampling import Sampler
 
     logits = torch.tensor([0.0, 5.0, 4.0, -1.0])
     seen = torch.tensor([1, 3])
@@ -247,7 +248,7 @@ def test_rope_switch_policy_at_the_boundary(tiny_checkpoint, style, override, po
 
 
 def test_character_cut_by_max_tokens_is_dropped_not_garbled(tiny_model):
-    from phi3v.engine.generate import TextAssembler
+    from phi3v.engine.text import TextAssembler
 
     tok = tiny_model.tokenizer
     euro = [tok.token_to_id(f"<0x{b:02X}>") for b in "€".encode()]  # 3 byte-fallback tokens

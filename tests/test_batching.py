@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import phi3v
-from phi3v.engine.batched import BatchRow, PaddedBatch, generate_ids_batched
+from phi3v.engine.generate import DecodeLoop, GenerationState, Row, generate_ids, prefill, run_rows
+from phi3v.engine.running_batch import RunningBatch
 from phi3v.errors import Phi3VError, PromptTooLongError
-from phi3v.engine.generate import GenerationState, decode_step, generate_ids, prefill
 from phi3v.options import GenerationOptions as Opts
 
 
@@ -78,25 +78,63 @@ def test_seeded_sampling_per_row_equals_alone(model):
     assert_same(model.generate_batch(prepared, options), alone(model, prepared, options))
 
 
-def test_padded_prefill_and_decode_logits_match_single(model):
-    """Lower level: the left-padded batch's logits at every step vs each row's own cache."""
+def test_running_batch_logits_match_an_uncached_forward(model):
+    """Lower level: rows prefilled alone join a left-padded batch; its logits at every step equal
+    an uncached forward over each row's prompt + the tokens fed."""
     prepared = [model.prepare(prompt="Short."), model.prepare(prompt="Look at this.", images=[picture(5)]),
                 model.prepare(prompt="A medium length prompt with a few more words.")]
     feats = model._image_features(prepared)
-    rows = [BatchRow(torch.tensor(p.input_ids), f, Opts(max_new_tokens=5)) for p, f in zip(prepared, feats)]
     forced = [[100, 200, 300, 400], [7, 8, 9, 10], [3000, 3001, 3002, 3003]]  # tokens fed at each step
-    batch = PaddedBatch(model.module, rows)
-    got = [batch.prefill()]
-    for step in range(4):
-        got.append(batch.step([forced[r][step] for r in range(3)]))
-    for r, row in enumerate(rows):
+    batch, first = RunningBatch(model.module), []
+    for p, f in zip(prepared, feats):
         cache = model.module.new_cache()
-        want = [prefill(model.module, model.module.embed(row.prompt_ids, row.image_embeds), 0, cache)]
-        for step in range(4):
-            want.append(decode_step(model.module, forced[r][step], cache))
-        want = torch.stack(want)
+        first.append(prefill(model.module, model.module.embed(torch.tensor(p.input_ids), f), 0, cache))
+        batch.join(cache)
+    assert batch.key_valid is not None  # rows of different lengths: padding is masked
+    got = [torch.stack(first)] + [batch.step([forced[r][step] for r in range(3)]) for step in range(4)]
+    for r, p in enumerate(prepared):
+        images = p.images
+        want = model.logits(p.input_ids + forced[r], images.pixel_values if images else None,
+                            images.image_sizes if images else None, last=5)
         have = torch.stack([g[r] for g in got])
         assert (have - want).abs().max() < 1e-4 * want.abs().max(), f"row {r}"
+
+
+def test_rows_joining_and_leaving_between_steps_equal_alone(model):
+    """Continuous batching: rows join a running loop at different steps, leave at different
+    steps (one cancelled), and each greedy row equals its run alone, logits included."""
+    prepared = [model.prepare(prompt="First prompt, quite a long one with many words in it."),
+                model.prepare(prompt="Second.", images=[picture(11)]),
+                model.prepare(prompt="Third one here"),
+                model.prepare(prompt="Fourth: cancelled midway")]
+    feats = model._image_features(prepared)
+    lengths = [12, 5, 9, 20]
+    logits: dict[tuple[int, int], torch.Tensor] = {}
+    rows = [Row(torch.tensor(p.input_ids), f, Opts(max_new_tokens=n)) for p, f, n in zip(prepared, feats, lengths)]
+    index = {id(r): i for i, r in enumerate(rows)}
+    loop = DecodeLoop(model.module, frozenset(), model.config.rope_switch,
+                      lambda row, k, lg: logits.__setitem__((index[id(row)], k), lg.clone()))
+    join_at = {0: [0], 2: [1, 3], 4: [2]}  # step -> rows that join before it
+    step = 0
+    while step == 0 or loop.busy:
+        for r in join_at.get(step, []):
+            loop.add(rows[r])
+        loop.step()
+        if step == 6:
+            loop.cancel(rows[3])
+        step += 1
+    assert [r.finish_reason for r in rows] == ["length", "length", "length", "cancelled"]
+    assert len(rows[3].generated) == 5  # joined before step 2, cancelled after step 6
+    assert loop.batch.size == 0 and loop.batch.cache is None  # everything freed
+    for r in range(3):
+        want_logits = []
+        state = GenerationState(rows[r].prompt_ids, rows[r].image_embeds, None)
+        want = list(generate_ids(model.module, state, Opts(max_new_tokens=lengths[r]), frozenset(),
+                                 model.config.rope_switch, logits_hook=lambda k, lg, out=want_logits: out.append(lg)))
+        assert rows[r].generated == want, f"row {r}"
+        have = torch.stack([logits[(r, k)] for k in range(len(want))])
+        want_logits = torch.stack(want_logits)
+        assert (have - want_logits).abs().max() < 1e-4 * want_logits.abs().max(), f"row {r}"
 
 
 def test_stream_yields_row_deltas_and_close_cancels(model):
@@ -151,10 +189,12 @@ def test_row_crossing_the_long_rope_boundary_equals_alone(tiny_checkpoint, style
     # Greedy tokens barely depend on the regime in a tiny random model: compare the logits too
     # (short vs long factors differ by ~0.5 here, far above the 1e-4 relative tolerance).
     feats = m._image_features(prepared)
-    rows = [BatchRow(torch.tensor(p.input_ids), f, options) for p, f in zip(prepared, feats)]
+    rows = [Row(torch.tensor(p.input_ids), f, options) for p, f in zip(prepared, feats)]
+    index = {id(r): i for i, r in enumerate(rows)}
     got: dict[tuple[int, int], torch.Tensor] = {}
-    list(generate_ids_batched(m.module, rows, frozenset(), m.config.rope_switch,
-                              logits_hook=lambda r, k, lg: got.__setitem__((r, k), lg.clone())))
+    loop = DecodeLoop(m.module, frozenset(), m.config.rope_switch,
+                      lambda row, k, lg: got.__setitem__((index[id(row)], k), lg.clone()))
+    list(run_rows(loop, rows))
     for r, row in enumerate(rows):
         want = []
         state = GenerationState(row.prompt_ids, row.image_embeds, m.module.new_cache())

@@ -98,12 +98,12 @@ def test_image_cache_key_includes_num_crops_and_pixels(tiny_model_dir):
 
 
 def test_pixel_cache_reuses_preprocessing_with_equal_pixels(tiny_model_dir, monkeypatch):
-    import phi3v.api
+    import phi3v.engine.image_features
     from phi3v.engine.image import open_image, preprocess
 
     model = load(tiny_model_dir)
     runs = []
-    monkeypatch.setattr(phi3v.api, "preprocess", lambda *a, **kw: runs.append(1) or preprocess(*a, **kw))
+    monkeypatch.setattr(phi3v.engine.image_features, "preprocess", lambda *a, **kw: runs.append(1) or preprocess(*a, **kw))
     a, b = picture(11, 200, 420), picture(12)
     first = model.prepare(prompt="Compare.", images=[a, b])
     second = model.prepare(prompt="Compare again.", images=[b.copy(), a.copy()])

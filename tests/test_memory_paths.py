@@ -24,7 +24,7 @@ def test_low_memory_pages_out_the_vision_tower_and_features_stay_identical(tiny_
     mapped = safetensors_mappings()
     assert mapped and any(lo <= p.data_ptr() < hi for p in vision for lo, hi in mapped)
     released = []
-    import phi3v.api as api
+    import phi3v.engine.image_features as api
 
     monkeypatch.setattr(api, "page_out", lambda tensors: released.append(page_out(tensors)) or released[-1])
     prepared = model.prepare(prompt="What is this?", images=[picture(1)])

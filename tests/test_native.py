@@ -228,9 +228,8 @@ def test_batched_bf16_decode_hides_each_rows_padding(tiny_model_dir, monkeypatch
     """A left-padded bf16 batch decodes through the native kernel with the key-padding mask and
     gives each row the logits of its own single run (to bf16 precision)."""
     import phi3v
-    from phi3v.engine.batched import BatchRow, PaddedBatch
-    from phi3v.engine.generate import decode_step, prefill
-    from phi3v.options import GenerationOptions
+    from phi3v.engine.generate import prefill
+    from phi3v.engine.running_batch import RunningBatch
 
     model = phi3v.load(str(tiny_model_dir), device="cpu", dtype="bfloat16", progress=False,
                        image_cache_mb=0, prefix_cache=False)
@@ -244,16 +243,21 @@ def test_batched_bf16_decode_hides_each_rows_padding(tiny_model_dir, monkeypatch
 
     monkeypatch.setattr(native, "decode_attention", spy)
     prompts = ["Short.", "A medium length prompt with a few more words.", "Hi"]
-    rows = [BatchRow(torch.tensor(model.prepare(prompt=p).input_ids), [], GenerationOptions(max_new_tokens=4))
-            for p in prompts]
+    ids = [torch.tensor(model.prepare(prompt=p).input_ids) for p in prompts]
     forced = [[100, 200, 300], [7, 8, 9], [3000, 3001, 3002]]
-    batch = PaddedBatch(model.module, rows)
-    got = [batch.prefill()] + [batch.step([forced[r][s] for r in range(3)]) for s in range(3)]
-    assert masked_calls and all(hidden > 0 for hidden in masked_calls)  # padding was hidden natively
-    for r, row in enumerate(rows):
+    batch, first = RunningBatch(model.module), []
+    for row_ids in ids:
         cache = model.module.new_cache()
-        want = [prefill(model.module, model.module.embed(row.prompt_ids), 0, cache)]
-        want += [decode_step(model.module, forced[r][s], cache) for s in range(3)]
+        first.append(prefill(model.module, model.module.embed(row_ids), 0, cache))
+        batch.join(cache)
+    got = [torch.stack(first)] + [batch.step([forced[r][s] for r in range(3)]) for s in range(3)]
+    assert masked_calls and all(hidden > 0 for hidden in masked_calls)  # padding was hidden natively
+    for r, row_ids in enumerate(ids):
+        alone = RunningBatch(model.module)  # a batch of one: no padding, no mask
+        cache = model.module.new_cache()
+        want = [prefill(model.module, model.module.embed(row_ids), 0, cache)]
+        alone.join(cache)
+        want += [alone.step([forced[r][s]])[0] for s in range(3)]
         want, have = torch.stack(want), torch.stack([g[r] for g in got])
         # bf16 activations: differently shaped products round differently (~2^-8 per op)
         assert (have - want).abs().max() <= 0.05 * want.abs().max(), f"row {r}"

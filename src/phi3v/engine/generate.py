@@ -1,8 +1,22 @@
-"""The token loop: prefill, decode one token at a time, sample, stop.
+"""The generation loop: one loop over a set of rows, for single, streamed and batched generation.
 
-`generate_ids` is a generator of token ids; the caller decides what to print and when to stop
-(text-level stop strings live in `StopMatcher`). Long/short RoPE at the 4096 crossing follows
-`rope_switch` (see config.ROPE_SWITCH_POLICIES).
+A `Row` is one sequence: its prompt (ids and image features), its own sampling settings and stop
+rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
+
+    1. feed     the token each running row sampled last step goes through the decoder, all rows
+                in one call (RunningBatch); a Phi-3.5-vision row crossing 4096 is re-prefilled
+    2. admit    rows added since the last step are prefilled, each alone (reusing a cached prefix
+                when it brings one), and join the running batch
+    3. sample   every running row picks its next token, pushes it to its text, and leaves the
+                batch when it is done (stop id, stop string, max_new_tokens)
+
+and returns the (row, text delta) events of that step. Rows can be added and cancelled between
+steps, so the same loop serves one request, a fixed batch, or a server's continuous batch.
+Feeding a token is deferred to the next step, so nothing is computed after a row's last token.
+
+Numerics: a row alone is exactly the single-sequence path (no padding, no mask in decode); in a
+batch, each row keeps its own positions and its pad slots are masked, so greedy results equal
+running it alone up to float rounding of the batched products.
 """
 
 from __future__ import annotations
@@ -13,132 +27,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .decoder import build_attention_mask
-from .model import Phi3VForCausalLM
 from ..options import GenerationOptions
-
-
-# -- sampling -------------------------------------------------------------------------------------
-class Sampler:
-    """Greedy (temperature 0) or temperature / top-k / top-p sampling, with repetition penalty."""
-
-    def __init__(self, options: GenerationOptions, device):
-        self.options = options
-        self.generator = None
-        if not options.greedy:
-            self.generator = torch.Generator(device="cpu")
-            if options.seed is not None:
-                self.generator.manual_seed(options.seed)
-            else:
-                self.generator.seed()
-
-    def __call__(self, logits: torch.Tensor, seen_ids: torch.Tensor | None) -> int:
-        """logits (V,) float32; seen_ids (n,) earlier token ids for the repetition penalty."""
-        o = self.options
-        if o.repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
-            logits = logits.clone()
-            seen = seen_ids.unique().to(logits.device)
-            vals = logits[seen]
-            logits[seen] = torch.where(vals < 0, vals * o.repetition_penalty, vals / o.repetition_penalty)
-        if o.greedy:
-            return int(logits.argmax())
-        logits = logits / o.temperature
-        if o.top_k > 0 and o.top_k < logits.numel():
-            kth = torch.topk(logits, o.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits.float(), dim=-1)
-        if o.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            # Drop a token when the mass before it already reaches top_p (always keeps the first).
-            drop = (sorted_p.cumsum(0) - sorted_p) >= o.top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
-
-
-# -- stop strings ---------------------------------------------------------------------------------
-class StopMatcher:
-    """Finds caller-given stop strings in the growing text and says how much is safe to emit:
-    text that could still be the start of a stop string is held back."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.longest = max((len(s) for s in self.stops), default=0)
-
-    def check(self, text: str, emitted: int) -> tuple[int, bool]:
-        """-> (safe length of `text` to emit, stopped?). `emitted` = length already emitted."""
-        if not self.stops:
-            return len(text), False
-        lo = max(0, emitted - self.longest)
-        hits = [i for i in (text.find(s, lo) for s in self.stops) if i >= 0]
-        if hits:
-            return min(hits), True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:n]):
-                    hold = n
-                    break
-        return len(text) - hold, False
-
-
-class TextAssembler:
-    """One sequence's token ids -> text deltas: incremental detokenization, stop ids, stop strings.
-
-    push(token) returns the text now safe to show; `finish_reason` becomes "stop" at a stop id or
-    a stop string (the caller then ends that sequence). flush() releases held-back text when the
-    sequence ends by length. `ids` keeps every pushed id (a stop id included, as before).
-    """
-
-    def __init__(self, tokenizer, stop_ids: frozenset[int], stops: tuple[str, ...]):
-        self.decoder = tokenizer.incremental()
-        self.matcher = StopMatcher(stops)
-        self.stop_ids = stop_ids
-        self.ids: list[int] = []
-        self.text = ""  # what has been emitted
-        self.finish_reason: str | None = None
-        self._raw = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-            return ""
-        self._raw += self.decoder.push(token)
-        safe, stopped = self.matcher.check(self._raw, len(self.text))
-        delta = ""
-        if safe > len(self.text):
-            delta = self._raw[len(self.text):safe]
-            self.text = self._raw[:safe]
-        if stopped:
-            self.finish_reason = "stop"
-        return delta
-
-    def flush(self) -> str:
-        """End by length: text held back for a stop string that never came is released. Bytes of a
-        character that max_new_tokens cut off are dropped, not shown as U+FFFD."""
-        self._raw += self.decoder.flush().rstrip("\ufffd")
-        delta = self._raw[len(self.text):]
-        self.text = self._raw
-        self.finish_reason = self.finish_reason or "length"
-        return delta
-
-
-# -- the loop -------------------------------------------------------------------------------------
-@dataclass
-class GenerationState:
-    """What one running sequence needs (kept so a caller can reuse the cache for a follow-up)."""
-
-    prompt_ids: torch.Tensor  # (L,) int64, image placeholders negative
-    image_embeds: list[torch.Tensor]
-    cache: object  # KVCache
-    generated: list[int] = field(default_factory=list)
-    long_rope: bool = False  # cache currently holds keys rotated with the long factors
-    prefill_s: float = 0.0
+from ..results import Completion, Timings, Usage
+from .decoder import KVCache, build_attention_mask
+from .model import Phi3VForCausalLM
+from .running_batch import RunningBatch
+from .sampling import Sampler
+from .text import TextAssembler
 
 
 @torch.inference_mode()
-def prefill(model: Phi3VForCausalLM, embeds: torch.Tensor, start: int, cache) -> torch.Tensor:
+def prefill(model: Phi3VForCausalLM, embeds: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
     """embeds (L, hidden) for positions [start, start+L) -> last-position logits (V,) float32."""
     L = embeds.shape[0]
     positions = torch.arange(start, start + L, device=embeds.device)[None]
@@ -147,71 +46,276 @@ def prefill(model: Phi3VForCausalLM, embeds: torch.Tensor, start: int, cache) ->
     return model.logits(h[0, -1])
 
 
-@torch.inference_mode()
-def decode_step(model: Phi3VForCausalLM, token: int, cache) -> torch.Tensor:
-    pos = cache.length
-    ids = torch.tensor([token], device=model.lm_head.weight.device)
-    embeds = model.model.embed_tokens(ids)[None]  # (1, 1, hidden)
-    h = model.forward_hidden(embeds, torch.tensor([[pos]], device=embeds.device), cache, None)
-    return model.logits(h[0, -1])
+@dataclass(eq=False)  # rows are compared by identity, never by value (they hold tensors)
+class Row:
+    """One sequence in a DecodeLoop. Give the first three (and optionally a text assembler, a
+    cache holding a reused prefix, timings); the loop fills the rest."""
+
+    prompt_ids: torch.Tensor  # (L,) int64, image k's placeholders = -k
+    image_embeds: list[torch.Tensor]  # image k's features (T_k, hidden) at index k-1
+    options: GenerationOptions  # max_new_tokens already fitted to the context
+    text: TextAssembler | None = None  # None: token ids only (no detokenization, no stop strings)
+    cache: KVCache | None = None  # a one-row cache whose first `reuse_prefix` slots hold this prompt's prefix
+    reuse_prefix: int = 0
+    retain: bool = False  # keep the row's KV cache in `kv` when it ends (a follow-up may reuse it)
+    timings: Timings = field(default_factory=Timings)
+    started: float = field(default_factory=time.perf_counter)  # request start, for first_token_s
+
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" once it ended
+    error: BaseException | None = None  # what ended it with "error"
+    long_rope: bool = False  # its cached keys are rotated with the long factors
+    kv: KVCache | None = None  # with retain: its cache at the end (prompt + generated[:-1])
+    _sampler: Sampler | None = None
+    _pending: int | None = None  # sampled, not yet fed to the decoder
+    _first_token_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence once the pending one is fed."""
+        return self.prompt_ids.numel() + len(self.generated)
+
+    def completion(self) -> Completion:
+        """Text, finish reason, usage and timings (call once the row is done)."""
+        ids = self.prompt_ids
+        usage = Usage(prompt_tokens=ids.numel(), image_tokens=int((ids < 0).sum()),
+                      completion_tokens=len(self.generated))
+        text = self.text.text if self.text is not None else ""
+        return Completion(text, self.finish_reason or "cancelled", usage, self.timings, list(self.generated))
 
 
-def generate_ids(
-    model: Phi3VForCausalLM,
-    state: GenerationState,
-    options: GenerationOptions,
-    stop_ids: frozenset[int],
-    rope_switch: str = "mixed",
-    reuse_prefix: int = 0,
-    logits_hook=None,
-) -> Iterator[int]:
-    """Yield generated token ids (a stop id is yielded last, then the loop ends).
+class DecodeLoop:
+    """Rows decoding together; see the module docstring. Not thread-safe: one thread steps it."""
 
-    `reuse_prefix` = number of leading prompt tokens whose keys/values are already in
-    state.cache (a conversation's earlier turns); only the rest is prefilled.
-    `logits_hook(step, logits)` sees the float32 logits each token is chosen from (for tests).
-    """
-    orig = model.cfg.text.original_max_position_embeddings
-    has_long = model.cfg.text.rope_long_factor is not None
-    sampler = Sampler(options, model.lm_head.weight.device)
-    L = state.prompt_ids.numel()
+    def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
+                 logits_hook=None):
+        """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
+        logits) sees the float32 logits each token is chosen from (for tests)."""
+        self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
+        self.logits_hook = logits_hook
+        self.batch = RunningBatch(model)
+        self.running: list[Row] = []  # in batch order
+        self.waiting: list[Row] = []
+        self._logits: torch.Tensor | None = None  # (len(running), V) next-token logits
 
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        if state.image_embeds:  # placeholders may sit in the reused part: embed all, keep the rest
-            embeds = model.embed(state.prompt_ids, state.image_embeds)[reuse_prefix:]
-        else:
-            embeds = model.embed(state.prompt_ids[reuse_prefix:])
-        state.cache.length = reuse_prefix
-        logits = prefill(model, embeds, reuse_prefix, state.cache)
-    state.long_rope = has_long and L > orig
-    state.prefill_s = time.perf_counter() - t0
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
 
-    text_ids = state.prompt_ids[state.prompt_ids >= 0]
-    for step in range(options.max_new_tokens):
-        seen = torch.cat([text_ids, torch.tensor(state.generated, dtype=torch.long)]) \
-            if options.repetition_penalty != 1.0 else None
-        if logits_hook is not None:
-            logits_hook(step, logits)
-        token = sampler(logits, seen)
-        state.generated.append(token)
-        yield token
-        if token in stop_ids or step == options.max_new_tokens - 1:
+    def add(self, row: Row) -> Row:
+        """Queue a row; it is prefilled and joins at the next step()."""
+        row._sampler = Sampler(row.options, None)
+        self.waiting.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """End a row now (finish_reason "cancelled"); its cache is consistent, so it is retained
+        when asked. Rows already done are left as they are."""
+        if row.done:
             return
-        total = L + len(state.generated)  # sequence length once this token is processed
-        if rope_switch == "recompute" and has_long and not state.long_rope and total > orig:
-            logits = _recompute_long(model, state)
+        if row in self.waiting:
+            self.waiting = [r for r in self.waiting if r is not row]
+        elif any(r is row for r in self.running):
+            self._leave({id(row)})
+        row.finish_reason = "cancelled"
+        self._finish_timings(row)
+
+    def step(self) -> list[tuple[Row, str]]:
+        """One decoding step of every row -> [(row, text delta)] for each row that produced a
+        token (a row whose `done` became True ended in this step)."""
+        if self.running:
+            self._feed()
+        events: list[tuple[Row, str]] = []
+        for row in self._admit():
+            events.append((row, ""))  # failed to start: finish_reason "error", row.error set
+        if self.running:
+            events.extend(self._sample())
+        return events
+
+    # -- the three phases ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _feed(self) -> None:
+        text_cfg = self.model.cfg.text
+        crossing = []  # rows whose sequence now leaves the short-RoPE range under "recompute"
+        if self.rope_switch == "recompute":
+            crossing = [j for j, r in enumerate(self.running)
+                        if not r.long_rope and text_cfg.uses_long_rope(r.length)]
+        try:
+            if len(crossing) == len(self.running):
+                self.batch.advance()  # every row is re-prefilled below: skip the shared step
+                logits = torch.empty(len(self.running), text_cfg.vocab_size)
+            else:
+                logits = self.batch.step([r._pending for r in self.running])
+            for j in crossing:
+                logits[j] = self._recompute_long(j)
+        except Exception as err:  # noqa: BLE001 - the batch's cache is no longer consistent
+            self._fail_running(err)
+            raise
+        for r in self.running:
+            r._pending = None
+        self._logits = logits
+
+    def _admit(self) -> list[Row]:
+        """Prefill the waiting rows, each alone, and add them to the batch -> rows that failed."""
+        failed = []
+        new_logits = []
+        while self.waiting:
+            row = self.waiting.pop(0)
+            try:
+                logits = self._prefill(row)
+            except Exception as err:  # noqa: BLE001 - only this row is concerned
+                row.finish_reason, row.error = "error", err
+                failed.append(row)
+                continue
+            self.batch.join(row.cache)
+            row.cache = None  # owned by the batch now
+            self.running.append(row)
+            new_logits.append(logits[None])
+        if new_logits:
+            parts = ([self._logits] if self._logits is not None else []) + new_logits
+            self._logits = torch.cat(parts)
+        return failed
+
+    def _sample(self) -> list[tuple[Row, str]]:
+        events, leaving = [], set()
+        for j, row in enumerate(self.running):
+            opts = row.options
+            seen = None
+            if opts.repetition_penalty != 1.0:
+                text_ids = row.prompt_ids[row.prompt_ids >= 0]
+                seen = torch.cat([text_ids, torch.tensor(row.generated, dtype=torch.long)])
+            if self.logits_hook is not None:
+                self.logits_hook(row, len(row.generated), self._logits[j])
+            token = row._sampler(self._logits[j], seen)
+            row.generated.append(token)
+            now = time.perf_counter()
+            if row._first_token_at is None:
+                row._first_token_at = now
+                row.timings.first_token_s = now - row.started
+            delta = row.text.push(token) if row.text is not None else ""
+            if token in self.stop_ids or (row.text is not None and row.text.finish_reason == "stop"):
+                row.finish_reason = "stop"
+            elif len(row.generated) >= opts.max_new_tokens:
+                if row.text is not None:
+                    delta += row.text.flush()  # text held back for a stop string that never came
+                row.finish_reason = "length"
+            else:
+                row._pending = token
+            if row.done:
+                leaving.add(id(row))
+            events.append((row, delta))
+        self._logits = None
+        if leaving:
+            self._leave(leaving)
+            for row, _ in events:
+                if row.done:
+                    self._finish_timings(row)
+        return events
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _prefill(self, row: Row) -> torch.Tensor:
+        t0 = time.perf_counter()
+        start = row.reuse_prefix if row.cache is not None else 0
+        if row.cache is None:
+            row.cache = self.model.new_cache()
+        if row.image_embeds:  # placeholders may sit in the reused part: embed all, keep the rest
+            embeds = self.model.embed(row.prompt_ids, row.image_embeds)[start:]
         else:
-            logits = decode_step(model, token, state.cache)
+            embeds = self.model.embed(row.prompt_ids[start:])
+        row.cache.length = start
+        logits = prefill(self.model, embeds, start, row.cache)
+        row.long_rope = self.model.cfg.text.uses_long_rope(row.prompt_ids.numel())
+        row.timings.prefill_s = time.perf_counter() - t0
+        return logits
+
+    @torch.inference_mode()
+    def _recompute_long(self, j: int) -> torch.Tensor:
+        """Phi-3.5-vision at the crossing (spec §7.4): re-prefill row j's whole sequence (prompt +
+        every generated token) alone with the long factors; overwrite its slots -> new logits."""
+        row = self.running[j]
+        ids = torch.cat([row.prompt_ids, torch.tensor(row.generated, dtype=torch.long)])
+        alone = self.model.new_cache(max_len=ids.numel())
+        logits = prefill(self.model, self.model.embed(ids, row.image_embeds), 0, alone)
+        self.batch.rewrite_row(j, alone)
+        row.long_rope = True
+        return logits
+
+    def _leave(self, ids: set[int]) -> None:
+        """Rows (by id()) leave the running batch; their KV caches are kept when they asked."""
+        keep = []
+        for j, row in enumerate(self.running):
+            if id(row) in ids:
+                if row.retain:
+                    row.kv = self.batch.take_row(j)
+            else:
+                keep.append(j)
+        if self._logits is not None:
+            self._logits = self._logits[keep] if keep else None
+        self.batch.keep(keep)
+        self.running = [self.running[j] for j in keep]
+
+    def _fail_running(self, err: BaseException) -> None:
+        for row in self.running:
+            row.finish_reason, row.error = "error", err
+            row.retain = False
+            self._finish_timings(row)
+        self.running = []
+        self.batch = RunningBatch(self.model)
+        self._logits = None
+
+    @staticmethod
+    def _finish_timings(row: Row) -> None:
+        if row._first_token_at is not None:
+            row.timings.decode_s = time.perf_counter() - row._first_token_at
+            row.timings._decode_tokens = max(0, len(row.generated) - 1)
 
 
-def _recompute_long(model: Phi3VForCausalLM, state: GenerationState) -> torch.Tensor:
-    """Phi-3.5-vision behaviour: drop the cache and re-prefill prompt + generated tokens, so every
-    position is rotated with the long factors (spec §7.4)."""
-    ids = torch.cat([state.prompt_ids, torch.tensor(state.generated, dtype=torch.long)])
-    with torch.inference_mode():
-        embeds = model.embed(ids, state.image_embeds)
-        state.cache.length = 0
-        logits = prefill(model, embeds, 0, state.cache)
-    state.long_rope = True
-    return logits
+def run_rows(loop: DecodeLoop, rows: list[Row]) -> Iterator[tuple[Row, str]]:
+    """Add rows and step until all of them are done -> every (row, delta) event. Closing the
+    iterator cancels the rows still running. A row that failed raises its error here."""
+    for row in rows:
+        loop.add(row)
+    try:
+        while any(not r.done for r in rows):
+            for row, delta in loop.step():
+                if row.finish_reason == "error":
+                    raise row.error
+                yield row, delta
+    finally:
+        for row in rows:
+            loop.cancel(row)
+
+
+# -- token-level wrappers (benchmarks, parity and golden tests) -----------------------------------
+@dataclass
+class GenerationState:
+    """A single sequence for generate_ids: prompt, features, and a cache (its first
+    `reuse_prefix` slots may already hold the prompt's prefix)."""
+
+    prompt_ids: torch.Tensor  # (L,) int64, image placeholders negative
+    image_embeds: list[torch.Tensor]
+    cache: KVCache | None
+    generated: list[int] = field(default_factory=list)
+    long_rope: bool = False
+    prefill_s: float = 0.0
+
+
+def generate_ids(model: Phi3VForCausalLM, state: GenerationState, options: GenerationOptions,
+                 stop_ids: frozenset[int], rope_switch: str = "mixed", reuse_prefix: int = 0,
+                 logits_hook=None) -> Iterator[int]:
+    """Token ids of one sequence (a stop id is yielded last), through a DecodeLoop of one row.
+    `logits_hook(step, logits)` sees the logits each token is chosen from."""
+    hook = None if logits_hook is None else (lambda _row, step, logits: logits_hook(step, logits))
+    loop = DecodeLoop(model, stop_ids, rope_switch, hook)
+    row = Row(state.prompt_ids, state.image_embeds, options, cache=state.cache, reuse_prefix=reuse_prefix,
+              retain=True)
+    for _, _delta in run_rows(loop, [row]):
+        state.generated.append(row.generated[-1])
+        state.prefill_s, state.long_rope = row.timings.prefill_s, row.long_rope
+        yield row.generated[-1]
+    state.cache = row.kv

@@ -8,6 +8,7 @@ input ids with those ids and prefills only the rest; `reusable_prefix` says how 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +54,43 @@ def reusable_prefix(retained: RetainedConversation, new_ids: list[int], new_imag
         if not same:
             prefix = min(prefix, int((head == -k).nonzero()[0, 0]))
     return prefix if prefix >= max(1, min_tokens) else 0
+
+
+class ConversationCache:
+    """Holds the last conversation's KV cache for the next request (thread-safe hand-over).
+
+    take() gives the next request the reusable part (or nothing) and forgets it either way, so a
+    cache is never shared by two generations; keep() stores a finished row's cache.
+    """
+
+    def __init__(self, text_cfg, enabled: bool = True, min_tokens: int = 16):
+        self.text_cfg, self.enabled, self.min_tokens = text_cfg, bool(enabled), min_tokens
+        self.retained: RetainedConversation | None = None
+        self._lock = threading.Lock()
+
+    def take(self, input_ids: list[int], image_keys: list[str]) -> tuple[int, object]:
+        """-> (tokens reused, one-row KVCache cut to them) or (0, None)."""
+        with self._lock:
+            retained, self.retained = self.retained, None
+        if retained is None or not self.enabled:
+            return 0, None
+        new_long = self.text_cfg.uses_long_rope(len(input_ids))
+        reuse = reusable_prefix(retained, input_ids, image_keys, new_long, self.min_tokens)
+        if not reuse:
+            return 0, None  # `retained` goes: its memory is freed before a new cache grows
+        retained.cache.truncate(reuse)
+        return reuse, retained.cache
+
+    def keep(self, input_ids: list[int], image_keys: list[str], generated: list[int], cache, long_rope: bool) -> None:
+        """Store a finished sequence: its cache holds prompt + generated tokens fed back (the
+        last generated token never is)."""
+        if not self.enabled or cache is None:
+            return
+        ids = (list(input_ids) + list(generated))[:cache.length]
+        retained = RetainedConversation(ids, list(image_keys), cache, long_rope)
+        with self._lock:
+            self.retained = retained
+
+    def clear(self) -> None:
+        with self._lock:
+            self.retained = None
