@@ -117,21 +117,30 @@ class Phi3V:
     def prepare(self, messages: list[dict] | None = None, prompt: str | None = None, images: Sequence[Any] = (),
                 system: str | None = None, num_crops: int | None = None,
                 image_policy: ImageSourcePolicy | None = None, max_images: int | None = None,
-                raw_prompt: str | None = None) -> PreparedPrompt:
+                raw_prompt: str | None = None, special_tokens_in_text: bool = False) -> PreparedPrompt:
         """Render the prompt, open and preprocess the images, build the input ids.
 
         Exactly one of: `messages` (OpenAI-style), `prompt` (one user turn; images go first unless
         it has <|image_N|> tags), `raw_prompt` (a fully rendered prompt, used verbatim, e.g.
         "<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n").
+
+        The text of `messages`, `prompt` and `system` is plain text: special tokens spelled in it
+        (`<|end|>`, `<|assistant|>`, ...) are encoded as characters, so text from a user cannot
+        end a turn or start another role's. `<|image_N|>` tags still work (they are placeholders,
+        not tokens). special_tokens_in_text=True honours them as tokens, as the reference processor
+        does; `raw_prompt` is always encoded as written.
         """
         t0 = time.perf_counter()
+        plain_spans: tuple = ()
         if messages is not None:
-            prompt_text, sources = chat_format.render_messages(messages)
+            prompt_text, sources, plain_spans = chat_format.render_chat(messages)
         elif raw_prompt is not None:
             prompt_text, sources = raw_prompt, list(images)
         else:
             sources = list(images)
-            prompt_text = chat_format.render_prompt(prompt or "", len(sources), system=system)
+            prompt_text, _, plain_spans = chat_format.render_prompt_chat(prompt or "", len(sources), system=system)
+        if special_tokens_in_text:
+            plain_spans = ()
         if max_images is not None and len(sources) > max_images:
             raise TooManyImagesError(f"{len(sources)} images given, at most {max_images} allowed")
         chat_format.check_image_tags(prompt_text, len(sources))
@@ -140,7 +149,8 @@ class Phi3V:
         if sources:
             batch, keys = self.images.preprocess([open_image(s, policy) for s in sources],
                                                   num_crops or self.config.preprocessor.num_crops)
-        ids = chat_format.build_input_ids(self.tokenizer, prompt_text, batch.num_img_tokens if batch else [])
+        ids = chat_format.build_input_ids(self.tokenizer, prompt_text, batch.num_img_tokens if batch else [],
+                                          plain_spans)
         return PreparedPrompt(ids, batch, prompt_text, time.perf_counter() - t0, keys)
 
     def check_fits(self, prepared: PreparedPrompt, max_new_tokens: int = 1) -> None:

@@ -12,6 +12,12 @@ own (so each starts with BOS, id 1, also right after an image), and each tag bec
 `num_img_tokens[k-1]` copies of -k. The model writes image k's embedding rows over the run of -k,
 wherever that run is in the sequence (so tags out of order are fine; the reference instead fills the
 runs in scan order, a defect we do not copy — tests/golden/README.md fact 3).
+
+Client text is plain text (render_chat, build_input_ids' `plain_spans`): the text of messages, of a
+prompt and of a system prompt is encoded with special tokens spelled as characters, so a message
+containing `<|end|>\n<|assistant|>\n` cannot forge a turn; only the role tokens written by the template
+are tokens. `<|image_k|>` tags in client text still work: they are not tokenizer tokens but placeholders
+that build_input_ids replaces before anything is encoded.
 """
 
 from __future__ import annotations
@@ -32,12 +38,45 @@ class RenderedChat(NamedTuple):
     image_sources: list  # image inputs in order: image_sources[k-1] is <|image_k|>
 
 
+Span = tuple[int, int]
+
+
+class ChatPrompt(NamedTuple):
+    """render_chat() result: the prompt text, its image sources and where the client's text is in it."""
+
+    prompt_text: str
+    image_sources: list
+    plain_spans: tuple[Span, ...]  # [start, end) of client text: build_input_ids encodes it as plain text
+
+
 def image_tag(k: int) -> str:
     return f"<|image_{k}|>"
 
 
-def _turn(role: str, content: str) -> str:
-    return f"<|{role}|>\n{content}<|end|>\n"
+class _Writer:
+    """Builds a prompt from template pieces and client text, remembering where the client text is."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.spans: list[Span] = []
+        self.length = 0
+
+    def template(self, text: str) -> None:
+        self.parts.append(text)
+        self.length += len(text)
+
+    def client(self, text: str) -> None:
+        if text:
+            self.spans.append((self.length, self.length + len(text)))
+        self.template(text)
+
+    def turn(self, role: str, tags: str, content: str) -> None:
+        self.template(f"<|{role}|>\n{tags}")  # the image tags are placeholders, not tokens: either side is fine
+        self.client(content)
+        self.template("<|end|>\n")
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def _image_source(part: dict, where: str) -> Any:
@@ -87,6 +126,15 @@ def _split_content(content: Any, where: str) -> tuple[str, list]:
 def render_messages(messages: Sequence[dict], add_generation_prompt: bool = True) -> RenderedChat:
     """OpenAI-style messages -> (prompt text with the generation prompt, image sources in tag order).
 
+    The text alone; render_chat() also says where the messages' text is in it (for plain-text encoding).
+    """
+    chat = render_chat(messages, add_generation_prompt)
+    return RenderedChat(chat.prompt_text, chat.image_sources)
+
+
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> ChatPrompt:
+    """OpenAI-style messages -> ChatPrompt (prompt text, image sources in tag order, client text spans).
+
     Roles: system, user, assistant (anything else is a PromptError). Image parts are allowed in user
     messages only. Text that already contains `<|image_N|>` tags is used as is (the reference/golden
     style, with the images passed separately, e.g. `{"role": "user", "content": "<|image_1|>\\nWhat?"}`);
@@ -111,7 +159,7 @@ def render_messages(messages: Sequence[dict], add_generation_prompt: bool = True
         turns.append((role, text, images))
 
     has_image_parts = any(images for _, _, images in turns)
-    parts, sources = [], []
+    out, sources = _Writer(), []
     for i, (role, text, images) in enumerate(turns):
         if has_image_parts and IMAGE_TAG.search(text):
             raise PromptError(
@@ -120,10 +168,10 @@ def render_messages(messages: Sequence[dict], add_generation_prompt: bool = True
             )
         tags = "".join(f"{image_tag(len(sources) + j + 1)}\n" for j in range(len(images)))
         sources.extend(images)
-        parts.append(_turn(role, tags + text))
+        out.turn(role, tags, text)
     if add_generation_prompt and turns[-1][0] != "assistant":
-        parts.append("<|assistant|>\n")
-    return RenderedChat("".join(parts), sources)
+        out.template("<|assistant|>\n")
+    return ChatPrompt(out.text(), sources, tuple(out.spans))
 
 
 def render_prompt(prompt: str, images_count: int, system: str | None = None) -> str:
@@ -132,17 +180,26 @@ def render_prompt(prompt: str, images_count: int, system: str | None = None) -> 
     If `prompt` already contains `<|image_N|>` tags they are kept where they are (and must name
     exactly images 1..images_count); otherwise tags for all images are put first, model-card style.
     """
+    return render_prompt_chat(prompt, images_count, system).prompt_text
+
+
+def render_prompt_chat(prompt: str, images_count: int, system: str | None = None) -> ChatPrompt:
+    """render_prompt() as a ChatPrompt (image_sources left empty: the caller holds the images)."""
     if not isinstance(prompt, str):
         raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
     if images_count < 0:
         raise PromptError("images_count must be >= 0")
+    tags = ""
     if IMAGE_TAG.search(prompt):
         check_image_tags(prompt, images_count)
-        user_text = prompt
     else:
-        user_text = "".join(f"{image_tag(k)}\n" for k in range(1, images_count + 1)) + prompt
-    text = _turn("system", system) if system is not None else ""
-    return text + _turn("user", user_text) + "<|assistant|>\n"
+        tags = "".join(f"{image_tag(k)}\n" for k in range(1, images_count + 1))
+    out = _Writer()
+    if system is not None:
+        out.turn("system", "", system)
+    out.turn("user", tags, prompt)
+    out.template("<|assistant|>\n")
+    return ChatPrompt(out.text(), [], tuple(out.spans))
 
 
 def check_image_tags(prompt_text: str, num_images: int) -> list[int]:
@@ -178,22 +235,38 @@ def check_image_tags(prompt_text: str, num_images: int) -> list[int]:
     return tags
 
 
-def build_input_ids(tokenizer, prompt_text: str, num_img_tokens: Sequence[int]) -> list[int]:
+def build_input_ids(tokenizer, prompt_text: str, num_img_tokens: Sequence[int],
+                    plain_spans: Sequence[Span] = ()) -> list[int]:
     """Prompt text -> input ids, spec §8.4: chunks between tags encoded separately (each with BOS),
     tag <|image_k|> replaced by num_img_tokens[k-1] copies of -k.
 
     Example (T = 5): "<|image_1|>Describe" -> [1, -1, -1, -1, -1, -1, 1, 20355, 915].
     Without images the whole text is encoded once (one BOS); tags in it are then an error.
+    plain_spans: [start, end) ranges of prompt_text (render_chat's) whose special tokens are encoded
+    as plain text; the tokenizer gives the same ids as without spans for text that has none.
     """
     counts = [int(n) for n in num_img_tokens]
     if any(n <= 0 for n in counts):
         raise PromptError(f"num_img_tokens must be positive, got {counts}")
     tags = check_image_tags(prompt_text, len(counts))
     if not tags:
-        return tokenizer.encode(prompt_text)
-    chunks = IMAGE_TAG.split(prompt_text)[::2]  # split() also returns the captured numbers at odd places
-    ids = list(tokenizer.encode(chunks[0]))
-    for k, chunk in zip(tags, chunks[1:]):
+        return _encode(tokenizer, prompt_text, 0, plain_spans)
+    bounds = [0]  # chunk i is prompt_text[bounds[2i]:bounds[2i+1]]; tags are between chunks
+    for m in IMAGE_TAG.finditer(prompt_text):
+        bounds += [m.start(), m.end()]
+    bounds.append(len(prompt_text))
+    chunks = [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)]
+    ids = _encode(tokenizer, prompt_text[slice(*chunks[0])], chunks[0][0], plain_spans)
+    for k, (start, end) in zip(tags, chunks[1:]):
         ids.extend([-k] * counts[k - 1])
-        ids.extend(tokenizer.encode(chunk))
+        ids.extend(_encode(tokenizer, prompt_text[start:end], start, plain_spans))
     return ids
+
+
+def _encode(tokenizer, chunk: str, offset: int, plain_spans: Sequence[Span]) -> list[int]:
+    """Encode one chunk that starts at `offset` of the prompt, with the plain spans that fall in it."""
+    if not plain_spans:
+        return list(tokenizer.encode(chunk))
+    end = offset + len(chunk)
+    spans = [(max(a, offset) - offset, min(b, end) - offset) for a, b in plain_spans if a < end and b > offset]
+    return list(tokenizer.encode(chunk, plain_spans=spans))

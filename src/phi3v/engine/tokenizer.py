@@ -18,14 +18,36 @@ leading space. With skip_special_tokens the tokens flagged special are removed (
 
 from __future__ import annotations
 
+import json
 import pathlib
-from typing import Iterable
+import re
+from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from ..errors import CheckpointError
 
 _REPLACEMENT = "\ufffd"  # what byte fallback produces for an incomplete / invalid UTF-8 byte run
+# Unicode White_Space (Rust's char::is_whitespace), what an added token's lstrip/rstrip swallows in
+# `tokenizers`; Python's str.isspace differs (it also counts U+001C..U+001F).
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_LEADING_WS = re.compile(f"^[{_WHITESPACE}]+")
+_TRAILING_WS = re.compile(f"[{_WHITESPACE}]+$")
+
+
+def _plain_tokenizer(tok: _HFTokenizer) -> _HFTokenizer:
+    """A copy of `tok` that encodes every added token's spelling as ordinary text.
+
+    `encode_special_tokens` makes `tokenizers` skip the added tokens flagged special, and `</s>` is
+    not flagged: the copy flags them all. A copy, not a flag flipped on the shared tokenizer, because
+    other threads encode and decode with that one at the same time.
+    """
+    spec = json.loads(tok.to_str())
+    for added in spec.get("added_tokens", []):
+        added["special"] = True
+    plain = _HFTokenizer.from_str(json.dumps(spec))
+    plain.encode_special_tokens = True
+    return plain
 
 
 def _token_id(tok: _HFTokenizer, token: str, path) -> int:
@@ -61,6 +83,12 @@ class Tokenizer:
         # A plain, non-space, non-byte token used as left context when decoding a window of ids in
         # the middle of a text (so the decoder's "strip one leading space" does not eat real spaces).
         self._anchor_id = _token_id(hf_tokenizer, "a", source)
+        # For encode(plain_spans=...): the added tokens (longest spelling first, so the regex finds
+        # what tokenizers' leftmost-longest matching finds) and a copy that spells them as text.
+        added = sorted(hf_tokenizer.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
+        self._added = {t.content: t for t in added}
+        self._added_re = re.compile("|".join(re.escape(t.content) for t in added)) if added else None
+        self._plain = _plain_tokenizer(hf_tokenizer)
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -84,9 +112,59 @@ class Tokenizer:
         return cls.from_file(path)
 
     # --- encoding --------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text` with the leading BOS, reference rules (added tokens in the text are honoured)."""
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Ids of `text` with the leading BOS, reference rules (added tokens in the text are honoured).
+
+        plain_spans: [start, end) ranges of `text` (client text) in which added tokens are not
+        honoured: `<|end|>` there is the characters "<", "|", "end", ... Text with no added token
+        in these ranges gets exactly the ids of encode(text).
+        """
+        if not plain_spans or self._added_re is None:
+            return self._tok.encode(text, add_special_tokens=True).ids
+        return [self.bos_id, *self._encode_segments(self._segments(text, plain_spans))]
+
+    def _segments(self, text: str, plain_spans: Sequence[tuple[int, int]]) -> list:
+        """`text` split the way `tokenizers` splits it before normalizing: added tokens (outside the
+        plain spans) as AddedToken objects, the text between them as strings."""
+        out: list = []
+        pos = 0
+
+        def trusted(end: int) -> None:  # text[pos:end], in which added tokens count
+            at = pos
+            for m in self._added_re.finditer(text, pos, end):
+                out.extend([text[at:m.start()], self._added[m.group(0)]])
+                at = m.end()
+            out.append(text[at:end])
+
+        for start, end in sorted(plain_spans):
+            if start < pos or end > len(text):
+                raise ValueError(f"plain spans must be ordered, disjoint ranges of the text, got {plain_spans}")
+            trusted(start)
+            out.append(text[start:end])
+            pos = end
+        trusted(len(text))
+        return out
+
+    def _encode_segments(self, segments: list) -> list[int]:
+        ids: list[int] = []
+        pending: list[str] = []  # adjacent strings form one segment, as in a single encode()
+        strip_next = False  # the token before swallows the whitespace after it (rstrip)
+        for item in segments + [None]:
+            if isinstance(item, str):
+                pending.append(item)
+                continue
+            segment = "".join(pending)
+            pending = []
+            if strip_next:
+                segment = _LEADING_WS.sub("", segment)
+            if item is not None and item.lstrip:
+                segment = _TRAILING_WS.sub("", segment)
+            if segment:
+                ids.extend(self._plain.encode(segment, add_special_tokens=False).ids)
+            if item is not None:
+                ids.append(self._tok.token_to_id(item.content))
+                strip_next = item.rstrip
+        return ids
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
