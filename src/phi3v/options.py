@@ -15,6 +15,8 @@ stays light (no torch, no pydantic): `phi3v --help` imports it.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .errors import Phi3VError
@@ -98,7 +100,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("repetition_penalty", float, "divide the scores of tokens already in the prompt or answer "
                "by this (above 1 repeats less)", "--repetition-penalty", ("repetition_penalty",),
                Bounds(0, lo_open=True), metavar="R", default_text="1.0 = off"),
-    OptionSpec("seed", int, "random seed for sampling", "--seed", ("seed",), metavar="S", default_text="none"),
+    # The seeds torch.Generator.manual_seed takes (negative ones are folded onto the unsigned range).
+    OptionSpec("seed", int, "random seed for sampling", "--seed", ("seed",), Bounds(-2**63, 2**64 - 1),
+               metavar="S", default_text="none"),
     OptionSpec("stop", str, "stop when this text is generated; the text is not returned", "--stop", ("stop",),
                metavar="TEXT", repeatable=True),
     OptionSpec("num_crops", int, "max 336px crops per image (fewer = fewer image tokens)", "--num-crops",
@@ -121,11 +125,17 @@ class GenerationOptions:
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        else:
+        elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
             object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        else:
+            raise Phi3VError(f"stop must be a string or a list of strings, got {self.stop!r}"[:200])
         for spec in OPTIONS:
             value = getattr(self, spec.name)
-            if value is None or spec.repeatable or spec.bounds is ANY:
+            if value is None or spec.repeatable:
+                continue
+            value = _number(spec, value)
+            object.__setattr__(self, spec.name, value)
+            if spec.bounds is ANY:
                 continue
             if not spec.bounds.contains(value):
                 raise Phi3VError(f"{spec.name} must be {spec.bounds.describe(spec.kind is int)}, got {value}")
@@ -143,6 +153,25 @@ class GenerationOptions:
             raise Phi3VError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in kwargs.items() if v is not None}
         return replace(base or cls(), **given)
+
+
+def _number(spec: OptionSpec, value):
+    """`value` as the option's kind (int or float), or a Phi3VError naming the option.
+
+    A bool is not a number here (True would be max_new_tokens=1), nor is text; NaN and infinities
+    are refused because no range check can order them sensibly (NaN compares false with
+    everything). Integers of other types (numpy) become int, so the engine sees plain Python values.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise Phi3VError(f"{spec.name} must be {'an integer' if spec.kind is int else 'a number'}, "
+                         f"got {type(value).__name__} {value!r}")
+    if spec.kind is int:
+        if not isinstance(value, numbers.Integral):
+            raise Phi3VError(f"{spec.name} must be an integer, got {value!r}")
+        return int(value)
+    if not math.isfinite(value):
+        raise Phi3VError(f"{spec.name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def option_defaults() -> dict:
