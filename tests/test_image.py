@@ -254,17 +254,20 @@ def local_http_server(small_rgb):
     server.server_close()
 
 
+LOCAL_OK = ImageSourcePolicy(allow_remote=True, allow_private=True)  # the test server is on 127.0.0.1
+
+
 def test_remote_download_when_allowed(local_http_server, small_rgb):
     base, size = local_http_server
-    image = open_image(base + "/ok.png", ImageSourcePolicy(allow_remote=True, timeout_s=5))
+    image = open_image(base + "/ok.png", ImageSourcePolicy(allow_remote=True, allow_private=True, timeout_s=5))
     assert np.array_equal(np.asarray(image), np.asarray(small_rgb))
     with pytest.raises(ImageError, match="larger than the limit"):
-        open_image(base + "/big.png", ImageSourcePolicy(allow_remote=True, max_bytes=size * 3))
+        open_image(base + "/big.png", ImageSourcePolicy(allow_remote=True, allow_private=True, max_bytes=size * 3))
     with pytest.raises(ImageError, match="HTTP 404"):
-        open_image(base + "/nothing.png", ImageSourcePolicy(allow_remote=True))
-    assert open_image(base + "/hop", ImageSourcePolicy(allow_remote=True)).size == (24, 16)
+        open_image(base + "/nothing.png", LOCAL_OK)
+    assert open_image(base + "/hop", LOCAL_OK).size == (24, 16)
     with pytest.raises(ImageError, match="redirects to a non-http"):
-        open_image(base + "/to-ftp", ImageSourcePolicy(allow_remote=True))
+        open_image(base + "/to-ftp", LOCAL_OK)
 
 
 @pytest.mark.parametrize("field", ["timeout_s", "max_bytes", "max_pixels"])

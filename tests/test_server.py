@@ -375,7 +375,8 @@ def test_remote_images_only_when_allowed(tiny_model, model_id):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    settings = ServerSettings(allow_remote_images=True, remote_max_bytes=2000, remote_timeout_s=5, default_num_crops=1)
+    settings = ServerSettings(allow_remote_images=True, remote_max_bytes=2000, remote_timeout_s=5, default_num_crops=1,
+                              allow_private_image_urls=True)  # the file server is on loopback
     assert len(small) < 2000 < len(big)
     try:
         with RunningServer(tiny_model, settings) as srv:

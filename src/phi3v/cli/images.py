@@ -58,7 +58,7 @@ def cli_policy():
     """Who may load what from the command line: local files and remote URLs (with limits)."""
     from ..engine.image import ImageSourcePolicy
 
-    return ImageSourcePolicy(allow_paths=True, allow_remote=True,
+    return ImageSourcePolicy(allow_paths=True, allow_remote=True, allow_private=True,  # the user's own URLs
                              timeout_s=URL_TIMEOUT_S, max_bytes=URL_MAX_BYTES)
 
 

@@ -21,8 +21,6 @@ import io
 import math
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -31,6 +29,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD
+from .remote_image import fetch_image_bytes
 from .image_source import (
     check_byte_size,
     decode_base64,
@@ -59,13 +58,16 @@ class ImageSourcePolicy:
 
     allow_paths: read local files (CLI and Python API: yes; server: never).
     allow_remote: fetch http(s) URLs (CLI: yes; server: only when enabled).
-    timeout_s: network timeout per URL. max_bytes: size limit of the encoded image (file, bytes,
+    allow_private: with allow_remote, also fetch from loopback, link-local and private addresses
+    (CLI: yes, the user names the URLs; server: only when enabled, as clients name them there).
+    timeout_s: total time of one download. max_bytes: size limit of the encoded image (file, bytes,
     base64 payload or download). max_pixels: width*height limit, checked from the header before
     decoding (decompression bombs); the default equals Pillow's `Image.MAX_IMAGE_PIXELS`.
     """
 
     allow_paths: bool = True
     allow_remote: bool = False
+    allow_private: bool = False
     timeout_s: float = 10.0
     max_bytes: int = 50 * 2**20
     max_pixels: int = 178_956_970
@@ -179,39 +181,11 @@ def _open_base64(text: str, name: str, policy: ImageSourcePolicy) -> Image.Image
 
 
 def _open_url(url: str, policy: ImageSourcePolicy) -> Image.Image:
-    """Download with a timeout, reading in chunks so a huge or endless body stops at max_bytes."""
-    name = _short(url)
-    request = urllib.request.Request(url, headers={"User-Agent": "phi3v"})
-    opener = urllib.request.build_opener(_HttpOnlyRedirects)
-    try:
-        with opener.open(request, timeout=policy.timeout_s) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit():
-                _check_byte_size(int(length), name, policy)
-            chunks, total = [], 0
-            while True:
-                chunk = response.read(1 << 16)
-                if not chunk:
-                    break
-                total += len(chunk)
-                _check_byte_size(total, name, policy)
-                chunks.append(chunk)
-    except urllib.error.HTTPError as err:
-        raise ImageError(f"could not download image {name}: HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        raise ImageError(f"could not download image {name}: {err.reason}") from None
-    except (TimeoutError, OSError, ValueError) as err:
-        raise ImageError(f"could not download image {name}: {err}") from None
-    return _decode(b"".join(chunks), name, policy)
-
-
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to http(s): a URL must not bounce to ftp:// or a local resource."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not newurl.lower().startswith(("http://", "https://")):
-            raise ImageError(f"image URL {_short(req.full_url)} redirects to a non-http(s) URL {_short(newurl)}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    """Download (engine/remote_image.py: public addresses only unless policy.allow_private, one
+    total deadline, the size cap)."""
+    data = fetch_image_bytes(url, timeout_s=policy.timeout_s, max_bytes=policy.max_bytes,
+                             allow_private=policy.allow_private)
+    return _decode(data, _short(url), policy)
 
 
 def _check_byte_size(size: int, name: str, policy: ImageSourcePolicy) -> None:

@@ -58,6 +58,7 @@ class ChatService:
         self.policy = ImageSourcePolicy(
             allow_paths=False,
             allow_remote=settings.allow_remote_images,
+            allow_private=settings.allow_private_image_urls,
             timeout_s=settings.remote_timeout_s,
             max_bytes=settings.remote_max_bytes,
         )

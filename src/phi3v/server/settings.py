@@ -62,6 +62,10 @@ class ServerSettings:
                                    "--prepare-threads", bounds=POSITIVE, metavar="N")
     model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
                                    default_text="the hub id, or a local folder's name")
+    allow_private_image_urls: bool = setting(
+        False, "with --allow-remote-images, also fetch from loopback, link-local and private addresses "
+               "(otherwise refused: clients could reach services on the server's network)",
+        "--allow-private-image-urls", default_text="off")
 
     def __post_init__(self):
         for f in fields(self):
