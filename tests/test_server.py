@@ -31,11 +31,11 @@ class FlakyModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def generate_stream(self, prepared, options):
+    def start_row(self, prepared, options, **kw):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("simulated engine failure /secret/path/in/traceback")
-        return self._model.generate_stream(prepared, options)
+        return self._model.start_row(prepared, options, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,10 @@ def small_request(model_id, i=0, max_tokens=4):
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    with RunningServer(tiny_model, ServerSettings(max_queue=MAX_QUEUE, default_num_crops=1)) as srv:
+    # max_batch=1: one request decodes at a time, so a long stream holds the engine and the queue's
+    # bound is what the tests below count (continuous batching has its own tests).
+    settings = ServerSettings(max_queue=MAX_QUEUE, max_batch=1, default_num_crops=1)
+    with RunningServer(tiny_model, settings) as srv:
         srv.model_id = srv.health()["model"]
         yield srv
 
@@ -213,54 +216,61 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
     assert f"http://127.0.0.1:{port}/" in out and "Traceback" not in out
 
 
-# ---- batched generation (used when the model offers generate_batch) ------------------------------
+# ---- continuous batching: every request joins the running batch ---------------------------------
 
 
-class ListBatchOnly:
-    """The tiny model seen through `generate_batch(prepared_list, options_list)` only (no batch stream)."""
+class SlowSteps:
+    """The tiny model with each decode step 20 ms long, so requests surely overlap."""
 
     def __init__(self, model):
         self._model = model
-        self.batch_sizes = []
 
     def __getattr__(self, name):
-        if name == "generate_batch_stream":
-            raise AttributeError(name)
         return getattr(self._model, name)
 
-    def generate_batch(self, prepared_list, options_list):
-        self.batch_sizes.append(len(prepared_list))
-        if hasattr(self._model, "generate_batch"):
-            return self._model.generate_batch(prepared_list, options_list)
-        return [self._model.generate(p, o) for p, o in zip(prepared_list, options_list)]
+    def new_loop(self, *args, **kwargs):
+        loop = self._model.new_loop(*args, **kwargs)
+        step = loop.step
+
+        def slow_step():
+            time.sleep(0.02)
+            return step()
+
+        loop.step = slow_step
+        return loop
 
 
-@pytest.mark.parametrize("api", ["generate_batch_stream", "generate_batch"])
-def test_queued_non_streamed_requests_are_batched(tiny_model, api):
-    if api == "generate_batch_stream" and not hasattr(tiny_model, api):
-        pytest.skip("this engine has no batched generation")
-    model = tiny_model if api == "generate_batch_stream" else ListBatchOnly(tiny_model)
-    with RunningServer(model, ServerSettings(max_queue=8, default_num_crops=1)) as srv:
-        srv.model_id = srv.health()["model"]
+def test_requests_join_a_running_stream_and_keep_their_solo_answers(tiny_model):
+    """A long stream runs; streamed and non-streamed requests with other lengths join it, decode
+    together, and every text (the long stream's included) equals the request's run alone."""
+    with RunningServer(SlowSteps(tiny_model), ServerSettings(max_queue=8, default_num_crops=1)) as srv:
+        model_id = srv.health()["model"]
         client = srv.client()
-        blocker = client.chat.completions.create(model=srv.model_id, messages=[{"role": "user", "content": "go"}],
-                                                 max_tokens=20_000, stream=True)
-        it = iter(blocker)
-        next(it), next(it)  # the engine is busy: what comes now waits in the queue together
-        lengths = (4, 3, 2)  # different options in one batch
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(client.chat.completions.create, **small_request(srv.model_id, i, n))
+        long_request = small_request(model_id, 9, max_tokens=60)
+        blocker = iter(client.chat.completions.create(**long_request, stream=True))
+        pieces = [next(blocker).choices[0].delta.content or ""]  # the engine is busy with it now
+        lengths = (4, 3, 2)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client.chat.completions.create, **small_request(model_id, i, n))
                        for i, n in enumerate(lengths)]
-            srv.wait_health(lambda h: h["queue"]["waiting"] == 3)
-            blocker.close()
+            streamed = pool.submit(lambda: "".join(
+                chunk.choices[0].delta.content or "" for chunk in
+                client.chat.completions.create(**small_request(model_id, 5, 6), stream=True) if chunk.choices))
             answers = [f.result(timeout=60) for f in futures]
+            streamed_text = streamed.result(timeout=60)
+        pieces += [chunk.choices[0].delta.content or "" for chunk in blocker if chunk.choices]
         health = srv.wait_health(lambda h: h["queue"]["running"] == 0)
-        assert health["queue"]["batches"] == 1 and health["queue"]["served"] == 3
-        if api == "generate_batch":
-            assert model.batch_sizes == [3]
-        for i, (n, answer) in enumerate(zip(lengths, answers)):
-            ref = tiny_model.chat([{"role": "user", "content": [{"type": "image", "image": IMG},
-                                    {"type": "text", "text": f"Question {i}: what is this?"}]}],
-                                  max_new_tokens=n, num_crops=1)
-            assert answer.choices[0].message.content == ref.text
-            assert answer.usage.completion_tokens == ref.usage.completion_tokens == n
+        assert health["queue"]["peak_running"] >= 3 and health["queue"]["batches"] > 0
+        assert health["queue"]["served"] >= 5
+
+    def alone(i, n):
+        return tiny_model.chat([{"role": "user", "content": [{"type": "image", "image": IMG},
+                                {"type": "text", "text": f"Question {i}: what is this?"}]}],
+                               max_new_tokens=n, num_crops=1)
+
+    assert "".join(pieces) == alone(9, 60).text
+    assert streamed_text == alone(5, 6).text
+    for i, (n, answer) in enumerate(zip(lengths, answers)):
+        ref = alone(i, n)
+        assert answer.choices[0].message.content == ref.text
+        assert answer.usage.completion_tokens == ref.usage.completion_tokens == n

@@ -51,20 +51,19 @@ def browser():
         b.close()
 
 
-class PacedStream:
-    """A TextStream that hands out its pieces 40 ms apart, the pace of a real model on a GPU, so the
-    browser gets (and paints) them one by one instead of in one network read."""
+class PacedLoop:
+    """A generation loop whose steps come 40 ms apart, the pace of a real model on a GPU, so the
+    browser gets (and paints) the pieces one by one instead of in one network read."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, loop):
+        self._loop = loop
 
-    def __iter__(self):
-        for delta in self._stream:
-            time.sleep(0.04)
-            yield delta
+    def step(self):
+        time.sleep(0.04)
+        return self._loop.step()
 
-    def __getattr__(self, name):  # completion, close
-        return getattr(self._stream, name)
+    def __getattr__(self, name):  # add, cancel, busy
+        return getattr(self._loop, name)
 
 
 class PacedModel:
@@ -74,8 +73,8 @@ class PacedModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def generate_stream(self, prepared, options):
-        return PacedStream(self._model.generate_stream(prepared, options))
+    def new_loop(self, *args, **kwargs):
+        return PacedLoop(self._model.new_loop(*args, **kwargs))
 
 
 @pytest.fixture(scope="module")

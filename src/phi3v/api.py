@@ -180,23 +180,8 @@ class Phi3V:
     def generate_stream(self, prepared: PreparedPrompt, options: GenerationOptions | None = None) -> TextStream:
         options = self._fit(prepared, options or GenerationOptions())
         self.check_fits(prepared)
-
-        def make_row() -> Row:  # on the first next(): vision, then the conversation's cached prefix
-            row = self._row(prepared, options, [], time.perf_counter() - prepared.preprocess_s)
-            t0 = time.perf_counter()
-            row.image_embeds = self.images.for_prompts([prepared])[0]
-            row.timings.vision_s = time.perf_counter() - t0
-            row.reuse_prefix, row.cache = self.conversation.take(prepared.input_ids, prepared.image_keys or [])
-            row.retain = self.conversation.enabled
-            return row
-
-        def on_end(row: Row) -> None:
-            if row.kv is not None:
-                self.conversation.keep(prepared.input_ids, prepared.image_keys or [], row.generated, row.kv,
-                                       row.long_rope)
-                row.kv = None
-
-        return TextStream(self.new_loop(), make_row, on_end, self._not_started(prepared))
+        return TextStream(self.new_loop(), lambda: self.start_row(prepared, options, reuse_conversation=True),
+                          lambda row: self.end_row(prepared, row), self._not_started(prepared))
 
     def generate_batch(self, prepared: Sequence[PreparedPrompt],
                        options: GenerationOptions | Sequence[GenerationOptions] | None = None) -> list[Completion]:
@@ -238,6 +223,30 @@ class Phi3V:
     def new_loop(self, logits_hook=None) -> DecodeLoop:
         """A generation loop on this model (rows can join and leave between its steps)."""
         return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook)
+
+    def start_row(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
+                  reuse_conversation: bool = False) -> Row:
+        """A Row ready to add to a new_loop() loop: options fitted to the context, image features
+        computed (through the caches; this is the vision tower's time), text assembly with the stop
+        rules. reuse_conversation: start from the retained conversation's KV prefix when it
+        matches, and keep this row's cache when it ends (call end_row then)."""
+        options = self._fit(prepared, options or GenerationOptions())
+        self.check_fits(prepared)
+        row = self._row(prepared, options, [], time.perf_counter() - prepared.preprocess_s)
+        t0 = time.perf_counter()
+        row.image_embeds = self.images.for_prompts([prepared])[0]
+        row.timings.vision_s = time.perf_counter() - t0
+        if reuse_conversation:
+            row.reuse_prefix, row.cache = self.conversation.take(prepared.input_ids, prepared.image_keys or [])
+            row.retain = self.conversation.enabled
+        return row
+
+    def end_row(self, prepared: PreparedPrompt, row: Row) -> None:
+        """After a start_row(reuse_conversation=True) row is done: retain its KV cache (if kept)."""
+        if row.kv is not None:
+            self.conversation.keep(prepared.input_ids, prepared.image_keys or [], row.generated, row.kv,
+                                   row.long_rope)
+            row.kv = None
 
     def clear_caches(self) -> None:
         """Free the image caches and the retained conversation's KV cache."""

@@ -190,13 +190,19 @@ class DecodeLoop:
                 seen = torch.cat([text_ids, torch.tensor(row.generated, dtype=torch.long)])
             if self.logits_hook is not None:
                 self.logits_hook(row, len(row.generated), self._logits[j])
-            token = row._sampler(self._logits[j], seen)
+            try:
+                token = row._sampler(self._logits[j], seen)
+                delta = row.text.push(token) if row.text is not None else ""
+            except Exception as err:  # noqa: BLE001 - one row's sampling or text never ends the others
+                row.finish_reason, row.error, row.retain = "error", err, False
+                leaving.add(id(row))
+                events.append((row, ""))
+                continue
             row.generated.append(token)
             now = time.perf_counter()
             if row._first_token_at is None:
                 row._first_token_at = now
                 row.timings.first_token_s = now - row.started
-            delta = row.text.push(token) if row.text is not None else ""
             if token in self.stop_ids or (row.text is not None and row.text.finish_reason == "stop"):
                 row.finish_reason = "stop"
             elif len(row.generated) >= opts.max_new_tokens:

@@ -30,7 +30,8 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving `model` (a loaded phi3v.Phi3V). The engine worker starts with the app."""
     settings = settings or ServerSettings()
     model_id = settings.model_id or served_model_id(model.name)
-    worker = EngineWorker(model, settings.max_queue)
+    worker = EngineWorker(model, settings.max_queue, max_batch=settings.max_batch,
+                          kv_budget_bytes=settings.kv_budget_bytes)
     service = ChatService(model, settings, worker, model_id, accepted_model_names(model.name, model_id))
     created = int(time.time())
 

@@ -46,6 +46,12 @@ class ServerSettings:
                               metavar="N")
     max_queue: int = setting(16, "requests waiting for the model; more get 429 + Retry-After", "--max-queue",
                              bounds=POSITIVE, metavar="N")
+    max_batch: int = setting(8, "requests decoding together in the continuous batch; the rest wait in the queue",
+                             "--max-batch", bounds=POSITIVE, metavar="N")
+    kv_budget_bytes: int | None = setting(
+        None, "KV-cache memory in MiB the running requests may take together (each counted at prompt + "
+              "max_tokens); the next waits for room", "--kv-budget-mb", bounds=POSITIVE, unit=MIB, metavar="N",
+        default_text="no limit beyond --max-batch")
     max_body_bytes: int = setting(20 * MIB, "largest request body in MiB; larger ones get 413", "--max-body-mb",
                                   bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
     default_num_crops: int | None = setting(
