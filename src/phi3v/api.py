@@ -20,7 +20,7 @@ from .engine.config import Phi3VConfig
 from .errors import Phi3VError, PromptTooLongError, TooManyImagesError
 from .engine.generate import DecodeLoop, Row
 from .engine.image_features import ImageFeatures
-from .engine.image import ImageSourcePolicy, open_image
+from .engine.image import ImageSourcePolicy, open_images
 from .engine.loader import load_engine
 from .engine.model import Phi3VForCausalLM
 from .options import GenerationOptions
@@ -147,8 +147,9 @@ class Phi3V:
         policy = image_policy or self.image_policy
         batch, keys = None, None
         if sources:
-            batch, keys = self.images.preprocess([open_image(s, policy) for s in sources],
-                                                  num_crops or self.config.preprocessor.num_crops)
+            crops = num_crops or self.config.preprocessor.num_crops
+            # Every header checked against the pixel budgets first, then one image decoded at a time.
+            batch, keys = self.images.preprocess(open_images(sources, policy, crops), crops)
         ids = chat_format.build_input_ids(self.tokenizer, prompt_text, batch.num_img_tokens if batch else [],
                                           plain_spans)
         return PreparedPrompt(ids, batch, prompt_text, time.perf_counter() - t0, keys)

@@ -21,8 +21,9 @@ import io
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -61,8 +62,14 @@ class ImageSourcePolicy:
     allow_private: with allow_remote, also fetch from loopback, link-local and private addresses
     (CLI: yes, the user names the URLs; server: only when enabled, as clients name them there).
     timeout_s: total time of one download. max_bytes: size limit of the encoded image (file, bytes,
-    base64 payload or download). max_pixels: width*height limit, checked from the header before
-    decoding (decompression bombs); the default equals Pillow's `Image.MAX_IMAGE_PIXELS`.
+    base64 payload or download).
+    max_pixels / max_request_pixels: budgets of decoded pixels (width*height, after any reduced-
+    scale JPEG decoding) per image and per request (all images of one prepare() together). Both
+    are checked from the headers before any pixel is decoded: a 500 KB PNG can declare
+    13000x13000 pixels, which would take over a gigabyte and seconds to decode. 40 Mpx is more
+    than any camera photo needs here (the HD transform keeps at most num_crops*336*336 pixels,
+    and large JPEGs are decoded at reduced scale anyway). Pillow's own bomb limit
+    (2 * Image.MAX_IMAGE_PIXELS, ~179 Mpx) still caps what a larger budget can allow.
     """
 
     allow_paths: bool = True
@@ -70,10 +77,11 @@ class ImageSourcePolicy:
     allow_private: bool = False
     timeout_s: float = 10.0
     max_bytes: int = 50 * 2**20
-    max_pixels: int = 178_956_970
+    max_pixels: int = 40_000_000
+    max_request_pixels: int = 120_000_000
 
     def __post_init__(self):
-        for name in ("timeout_s", "max_bytes", "max_pixels"):
+        for name in ("timeout_s", "max_bytes", "max_pixels", "max_request_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise Phi3VError(f"ImageSourcePolicy.{name} must be a positive number, got {value!r}")
@@ -81,16 +89,84 @@ class ImageSourcePolicy:
 
 _DEFAULT_POLICY = ImageSourcePolicy()
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_POSITION_RE = re.compile(r"image \d+\b")  # a message that already names the image's position
+
+# Pillow warns (DecompressionBombWarning, with its own file path in the text) for any image over
+# Image.MAX_IMAGE_PIXELS while reading the header, before phi3v can apply its smaller budget; the
+# warning would reach the terminal or a server log for every oversized upload. Every image phi3v
+# opens goes through the policy's pixel budgets, which refuse it with an ImageError instead.
+# (A filter, not warnings.catch_warnings around each open: that is not thread-safe, and images
+# are opened in several threads of the server.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def open_image(source: ImageInput, policy: ImageSourcePolicy = _DEFAULT_POLICY) -> Image.Image:
+@dataclass
+class _Encoded:
+    """An image source read into memory but not decoded: its bytes and its name for messages."""
+
+    data: bytes
+    name: str
+
+
+@dataclass
+class _Probed:
+    """An image whose header was read (Pillow's lazy open, maybe set to a reduced JPEG scale)."""
+
+    image: Image.Image  # not loaded yet
+    name: str
+
+    @property
+    def pixels(self) -> int:
+        return self.image.width * self.image.height
+
+
+def open_image(source: ImageInput, policy: ImageSourcePolicy = _DEFAULT_POLICY,
+               num_crops: int | None = None) -> Image.Image:
     """Open one image input and return a fully decoded PIL image.
 
     Accepted: a path (str or os.PathLike), bytes, a base64 string, a `data:image/...;base64,` URI,
     an http(s) URL (only with policy.allow_remote), a PIL image (returned as given), a numpy uint8
     array (H, W), (H, W, 3) or (H, W, 4). Encoded inputs get EXIF orientation applied and animated
-    images give their first frame. Everything that goes wrong raises ImageError naming the input.
+    images give their first frame; their size is checked against the policy's pixel budgets
+    before decoding. num_crops: the HD transform the image is meant for; a JPEG at least twice
+    as large (each side) as that transform keeps is decoded at 1/2, 1/4 or 1/8 scale (same crop
+    grid, a fraction of the time and memory). Everything that goes wrong raises ImageError naming
+    the input.
     """
+    read = _read(source, policy)
+    if isinstance(read, Image.Image):
+        return read
+    probed = _probe(read, policy, num_crops)
+    _check_request_pixels([probed], policy)
+    return _load(probed)
+
+
+def open_images(sources: Sequence[ImageInput], policy: ImageSourcePolicy = _DEFAULT_POLICY,
+                num_crops: int | None = None) -> Iterator[Image.Image]:
+    """Open the images of one request: every source is read and its header checked (per image and
+    per request budgets) before any is decoded; the returned iterator then decodes one image per
+    step, so a caller that processes them in turn holds one decoded image at a time. Errors name
+    the image by its position ("image 2")."""
+    items: list = []
+    for index, source in enumerate(sources, 1):
+        try:
+            read = _read(source, policy)
+            items.append(read if isinstance(read, Image.Image) else _probe(read, policy, num_crops, f"image {index}"))
+        except ImageError as err:
+            message = str(err)
+            raise ImageError(message if _POSITION_RE.match(message) else f"image {index}: {message}") from None
+    _check_request_pixels([p for p in items if isinstance(p, _Probed)], policy)
+    return _decode_in_turn(items)
+
+
+def _decode_in_turn(items: list) -> Iterator[Image.Image]:
+    for index in range(len(items)):
+        item, items[index] = items[index], None  # the list must not keep decoded images alive
+        yield _load(item) if isinstance(item, _Probed) else item
+
+
+def _read(source: ImageInput, policy: ImageSourcePolicy):
+    """-> a PIL image (given as one: PIL, numpy) or the _Encoded bytes of an encoded source."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -109,7 +185,7 @@ def open_image(source: ImageInput, policy: ImageSourcePolicy = _DEFAULT_POLICY) 
     )
 
 
-def _open_string(text: str, policy: ImageSourcePolicy) -> Image.Image:
+def _open_string(text: str, policy: ImageSourcePolicy) -> _Encoded:
     """Dispatch a string: data URI, URL, existing path, base64; otherwise a clear refusal."""
     stripped = text.strip()
     lowered = stripped[:16].lower()
@@ -151,7 +227,7 @@ def _is_existing_path(text: str) -> bool:
         return False
 
 
-def _open_path(path: str, policy: ImageSourcePolicy) -> Image.Image:
+def _open_path(path: str, policy: ImageSourcePolicy) -> _Encoded:
     if not policy.allow_paths:
         raise ImageError(f"local file paths are not allowed here: {_short(path)}")
     path = os.path.expanduser(path)
@@ -171,16 +247,16 @@ def _open_path(path: str, policy: ImageSourcePolicy) -> Image.Image:
     return _decode(data, name, policy)
 
 
-def _open_data_uri(uri: str, policy: ImageSourcePolicy) -> Image.Image:
+def _open_data_uri(uri: str, policy: ImageSourcePolicy) -> _Encoded:
     """The rules live in image_source.decode_data_uri (shared with the server)."""
     return _decode(decode_data_uri(uri, max_bytes=policy.max_bytes), "data URI image", policy)
 
 
-def _open_base64(text: str, name: str, policy: ImageSourcePolicy) -> Image.Image:
+def _open_base64(text: str, name: str, policy: ImageSourcePolicy) -> _Encoded:
     return _decode(decode_base64(text, name, max_bytes=policy.max_bytes), name, policy)
 
 
-def _open_url(url: str, policy: ImageSourcePolicy) -> Image.Image:
+def _open_url(url: str, policy: ImageSourcePolicy) -> _Encoded:
     """Download (engine/remote_image.py: public addresses only unless policy.allow_private, one
     total deadline, the size cap)."""
     data = fetch_image_bytes(url, timeout_s=policy.timeout_s, max_bytes=policy.max_bytes,
@@ -192,34 +268,110 @@ def _check_byte_size(size: int, name: str, policy: ImageSourcePolicy) -> None:
     check_byte_size(size, name, policy.max_bytes)
 
 
-def _decode(data: bytes, name: str, policy: ImageSourcePolicy) -> Image.Image:
-    """Decode encoded image bytes fully; header-size bomb check first; EXIF orientation; frame 0."""
-    try:
-        image = Image.open(io.BytesIO(data))  # lazy: reads only the header
-    except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image in a supported format") from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{name} is too large to decode safely (decompression bomb?): {err}") from None
-    except Exception as err:  # malformed headers surface as many exception types
-        raise ImageError(f"{name} could not be read as an image: {err}") from None
+def _decode(data: bytes, name: str, policy: ImageSourcePolicy) -> _Encoded:
+    """Where every reader of encoded bytes ends: the bytes are kept, not decoded yet, so the
+    headers of all a request's images are checked against the pixel budgets first (_probe)."""
+    return _Encoded(data, name)
+
+
+# Generic names of in-memory sources: with a position ("image 2") they say nothing more.
+_GENERIC_NAMES = ("image bytes", "base64 image", "data URI")
+
+
+def _probe(encoded: _Encoded, policy: ImageSourcePolicy, num_crops: int | None = None,
+           label: str | None = None) -> _Probed:
+    """Read the header only; choose a reduced JPEG scale; check the per-image pixel budget."""
+    name = encoded.name
+    if label is not None:
+        name = label if name.startswith(_GENERIC_NAMES) else f"{label} ({name})"
+    image = _open_header(encoded.data, name)
     width, height = image.size
-    if width * height > policy.max_pixels:
-        raise ImageError(
-            f"{name} is {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{policy.max_pixels} (decompression bomb protection)"
-        )
     if width < 1 or height < 1:
         raise ImageError(f"{name} has an empty size {width}x{height}")
+    if num_crops is not None and image.format == "JPEG":
+        image = _draft_for_hd(image, encoded.data, name, num_crops)
+    pixels = image.width * image.height
+    if pixels > policy.max_pixels:
+        kind = f"{image.format} " if image.format else ""
+        raise ImageError(
+            f"{name} is a {kind}image of {width}x{height} = {pixels:,} pixels, more than the limit of "
+            f"{policy.max_pixels:,} decoded pixels per image (decompression bomb protection: refused "
+            "before decoding; resize it first)"
+        )
+    return _Probed(image, name)
+
+
+def _open_header(data: bytes, name: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))  # lazy: reads only the header
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image in a supported format") from None
+    except Image.DecompressionBombError:  # over Pillow's own hard limit (~179 Mpx)
+        raise ImageError(f"{name} declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, "
+                         "too large to decode (decompression bomb protection: refused before decoding)") from None
+    except Exception as err:  # malformed headers surface as many exception types
+        raise ImageError(f"{name} could not be read as an image: {err}") from None
+
+
+def _draft_for_hd(image: Image.Image, data: bytes, name: str, num_crops: int) -> Image.Image:
+    """Ask the JPEG decoder for 1/2, 1/4 or 1/8 scale when the HD transform keeps no more than that
+    (Image.draft keeps both sides >= the requested ones). Only when the reduced size gives the same
+    crop grid as the full one, so the image's token count never depends on how it was decoded."""
+    width, height = image.size
+    try:
+        full = _plan(width, height, num_crops)
+    except ImageError:
+        return image  # hd_transform will refuse it with its own message
+    # The resized size in the image's own orientation (the plan works in the landscape frame).
+    need = (full.new_h, full.new_w) if full.transposed else (full.new_w, full.new_h)
+    if width < 2 * need[0] or height < 2 * need[1]:
+        return image  # no reduction possible
+    image.draft(None, need)
+    try:
+        same = _plan(image.width, image.height, num_crops) == full
+    except ImageError:
+        same = False
+    return image if same else _open_header(data, name)  # draft cannot be undone: open again
+
+
+def decoded_pixels(data: bytes, num_crops: int | None = None) -> int | None:
+    """The pixels open_image would decode from these encoded bytes (after a reduced JPEG scale for
+    num_crops), read from the header only; None when the header cannot be read. For estimates
+    (the server's preparation memory budget); the budgets themselves are checked by open_image."""
+    try:
+        image = _open_header(data, "image")
+        if num_crops is not None and image.format == "JPEG":
+            image = _draft_for_hd(image, data, "image", num_crops)
+        return image.width * image.height
+    except ImageError:
+        return None
+
+
+def _check_request_pixels(probed: list[_Probed], policy: ImageSourcePolicy) -> None:
+    total = sum(p.pixels for p in probed)
+    if total > policy.max_request_pixels:
+        sizes = ", ".join(f"{p.name} {p.image.width}x{p.image.height}" for p in probed)
+        raise ImageError(
+            f"the images of this request add up to {total:,} decoded pixels, more than the limit of "
+            f"{policy.max_request_pixels:,} per request ({sizes}); send fewer or smaller images"
+        )
+
+
+def _load(probed: _Probed) -> Image.Image:
+    """Decode fully (frame 0), so truncated/corrupt data fails now; apply EXIF orientation."""
+    image, name = probed.image, probed.name
     try:
         image.seek(0)  # animated GIF/PNG/WebP, multi-page TIFF: first frame
         image.load()  # full decode here, so truncated/corrupt data fails now, not later
     except Exception as err:
         raise ImageError(f"{name} is truncated or corrupt ({image.format or 'unknown'} data): {err}") from None
     try:
-        # Returns a detached copy (rotated when the EXIF Orientation tag asks for it).
-        return ImageOps.exif_transpose(image)
+        # Rotated when the EXIF Orientation tag asks for it. In place: a copy would hold a large
+        # image twice for a moment (the encoded bytes stay referenced either way, by the request).
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a broken EXIF block should not lose an otherwise fine picture
-        return image.copy()
+        pass
+    return image
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

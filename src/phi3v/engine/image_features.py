@@ -14,7 +14,7 @@ import torch
 from ..kernels.page_out import page_out
 from .config import PreprocessorConfig
 from .feature_cache import ImageFeatureCache, decoded_image_key, image_keys
-from .image import ImageBatch, preprocess
+from .image import ImageBatch, preprocess, to_rgb
 from .model import Phi3VForCausalLM
 
 
@@ -24,21 +24,29 @@ class ImageFeatures:
         """cache_mb: byte budget of both caches (0 = off): 1/4 pixels, 3/4 features. low_memory:
         after each encoding on the CPU, page the vision tower's mapped weights out (page_out)."""
         self.module, self.preprocessor, self.low_memory = module, preprocessor, bool(low_memory)
-        budget = int(cache_mb * 2**20)
-        self.pixel_cache = ImageFeatureCache(budget // 4)
-        self.feature_cache = ImageFeatureCache(budget - budget // 4)
+        self.pixel_cache, self.feature_cache = ImageFeatureCache(0), ImageFeatureCache(0)
+        self.set_cache_bytes(int(cache_mb * 2**20))
+
+    def set_cache_bytes(self, budget: int) -> None:
+        """The byte budget of both caches together (0 = off): 1/4 pixels, 3/4 features."""
+        budget = max(0, int(budget))
+        self.pixel_cache.resize(budget // 4)
+        self.feature_cache.resize(budget - budget // 4)
 
     def clear(self) -> None:
         self.pixel_cache.clear()
         self.feature_cache.clear()
 
-    def preprocess(self, images: list, num_crops: int) -> tuple[ImageBatch, list[str]]:
+    def preprocess(self, images, num_crops: int) -> tuple[ImageBatch, list[str]]:
         """preprocess() through the pixel cache -> (ImageBatch, content key per image). An image
         whose decoded pixels were seen before (same num_crops) reuses its pixel_values and feature
-        key, which skips the HD transform and hashing the crops. Cached tensors are shared: read-only."""
+        key, which skips the HD transform and hashing the crops. Cached tensors are shared: read-only.
+        `images` may be an iterator (image.open_images) that decodes each image when reached: only
+        one decoded image is then alive at a time."""
         pre = self.preprocessor
         entries = []  # (pixel_values (num_crops+1, 3, 336, 336), image_size (2,), tokens, feature key)
         for image in images:
+            image = to_rgb(image)  # once, for the key and the HD transform (a no-op for RGB)
             source_key = decoded_image_key(image, num_crops)
             entry = self.pixel_cache.get(source_key) if self.pixel_cache.max_bytes > 0 else None
             if entry is None:
@@ -48,6 +56,7 @@ class ImageFeatures:
                 pixels = one.pixel_values
                 self.pixel_cache.put(source_key, entry, nbytes=pixels.numel() * pixels.element_size())
             entries.append(entry)
+            del image  # not held while the iterator decodes the next one
         pixel_values = entries[0][0][None] if len(entries) == 1 else torch.stack([e[0] for e in entries])
         batch = ImageBatch(pixel_values, torch.stack([e[1] for e in entries]), [e[2] for e in entries])
         return batch, [e[3] for e in entries]

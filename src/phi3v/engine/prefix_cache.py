@@ -63,8 +63,12 @@ class ConversationCache:
     cache is never shared by two generations; keep() stores a finished row's cache.
     """
 
-    def __init__(self, text_cfg, enabled: bool = True, min_tokens: int = 16):
+    def __init__(self, text_cfg, enabled: bool = True, min_tokens: int = 16, max_bytes: int | None = None):
+        """max_bytes: a finished conversation whose KV cache takes more is not kept (None: any;
+        it is at most one context's worth). It was in memory while generating anyway, but kept
+        it would stay there next to the following requests' caches."""
         self.text_cfg, self.enabled, self.min_tokens = text_cfg, bool(enabled), min_tokens
+        self.max_bytes = max_bytes
         self.retained: RetainedConversation | None = None
         self._lock = threading.Lock()
 
@@ -85,6 +89,9 @@ class ConversationCache:
         """Store a finished sequence: its cache holds prompt + generated tokens fed back (the
         last generated token never is)."""
         if not self.enabled or cache is None:
+            return
+        if self.max_bytes is not None and cache.nbytes() > self.max_bytes:
+            self.clear()  # neither this one nor an older one: the next request starts cold
             return
         ids = (list(input_ids) + list(generated))[:cache.length]
         retained = RetainedConversation(ids, list(image_keys), cache, long_rope)

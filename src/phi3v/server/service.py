@@ -25,6 +25,7 @@ from ..engine.image_source import InvalidBase64Error, decode_data_uri
 from ..options import GenerationOptions
 from .api_errors import APIError, context_length_error, from_phi3v_error, internal_error
 from .engine_worker import EngineWorker, GenerationJob, QueueFullError
+from .prepare_budget import PrepareBudget
 from .schemas import ChatCompletionRequest, requested_options
 from .settings import ServerSettings
 
@@ -61,8 +62,13 @@ class ChatService:
             allow_private=settings.allow_private_image_urls,
             timeout_s=settings.remote_timeout_s,
             max_bytes=settings.remote_max_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
         )
         self.executor = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="phi3v-prepare")
+        # Preparations in flight share a memory budget (estimated from image headers).
+        self.prepare_budget = PrepareBudget(settings.prepare_memory_bytes, self.policy,
+                                            getattr(model, "default_num_crops", None))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -172,7 +178,7 @@ class ChatService:
             raise _too_busy(self.worker.reject())
         loop = asyncio.get_running_loop()
         try:
-            prepared, options = await loop.run_in_executor(self.executor, self.prepare, plan)
+            prepared, options = await self.prepare_budget.run(self.executor, self.prepare, plan)
         except APIError:
             raise
         except Exception:

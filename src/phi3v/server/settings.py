@@ -31,6 +31,7 @@ def setting(default, help: str, flag: str, *, bounds: Bounds = ANY, unit: int = 
 
 
 MIB = 2**20
+MPX = 1_000_000  # a megapixel
 POSITIVE = Bounds(1)
 
 
@@ -66,6 +67,26 @@ class ServerSettings:
                                     bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
     prepare_threads: int = setting(2, "threads decoding images and tokenizing, off the event loop",
                                    "--prepare-threads", bounds=POSITIVE, metavar="N")
+    # Memory budgets (docs: ImageSourcePolicy, server/prepare_budget.py): all checked before the
+    # memory is used, from image headers, so one request cannot take the machine's RAM.
+    max_image_pixels: int = setting(
+        40 * MPX, "decoded pixels per image in megapixels, checked from the header before decoding (large "
+                  "JPEGs are decoded at reduced scale first)", "--max-image-mpx", bounds=POSITIVE, unit=MPX,
+        metavar="N")
+    max_request_pixels: int = setting(120 * MPX, "decoded pixels per request (all its images) in megapixels",
+                                      "--max-request-mpx", bounds=POSITIVE, unit=MPX, metavar="N")
+    prepare_memory_bytes: int = setting(
+        2048 * MIB, "memory in MiB that requests being prepared (images decoded) may take together, "
+                    "estimated from image headers; more wait their turn", "--prepare-memory-mb",
+        bounds=POSITIVE, unit=MIB, metavar="N")
+    image_cache_bytes: int = setting(512 * MIB, "byte budget of the image caches (preprocessed pixels and "
+                                                "features) in MiB; 0 = off", "--image-cache-mb",
+                                     bounds=Bounds(0), unit=MIB, metavar="N")
+    retained_kv_bytes: int = setting(
+        4096 * MIB, "largest KV cache in MiB kept for the next request's shared prefix (the last "
+                    "conversation); 0 = keep none", "--retained-kv-mb", bounds=Bounds(0), unit=MIB, metavar="N")
+    model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
+                                   default_text="the hub id, or a local folder's name")
     model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
                                    default_text="the hub id, or a local folder's name")
     allow_private_image_urls: bool = setting(
