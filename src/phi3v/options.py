@@ -100,9 +100,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("repetition_penalty", float, "divide the scores of tokens already in the prompt or answer "
                "by this (above 1 repeats less)", "--repetition-penalty", ("repetition_penalty",),
                Bounds(0, lo_open=True), metavar="R", default_text="1.0 = off"),
-    # The seeds torch.Generator.manual_seed takes (negative ones are folded onto the unsigned range).
-    OptionSpec("seed", int, "random seed for sampling", "--seed", ("seed",), Bounds(-2**63, 2**64 - 1),
-               metavar="S", default_text="none"),
+    # Any integer: the Sampler reduces one outside torch's range modulo 2**64 (engine/sampling.py).
+    OptionSpec("seed", int, "random seed for sampling", "--seed", ("seed",), metavar="S", default_text="none"),
     OptionSpec("stop", str, "stop when this text is generated; the text is not returned", "--stop", ("stop",),
                metavar="TEXT", repeatable=True),
     OptionSpec("num_crops", int, "max 336px crops per image (fewer = fewer image tokens)", "--num-crops",

@@ -10,6 +10,14 @@ from ..options import GenerationOptions
 _F32 = torch.finfo(torch.float32)
 
 
+def torch_seed(seed: int) -> int:
+    """`seed` as torch.Generator.manual_seed takes it: -2**63 .. 2**64-1 as they are, any other
+    integer modulo 2**64. Seeds are any integer (OpenAI's API and ours say "integer"; a bound
+    could not even be written exactly in the OpenAPI schema, whose bounds are floats), and a
+    seed's only job is to name a reproducible stream: two seeds 2**64 apart share one."""
+    return seed if -2**63 <= seed < 2**64 else seed % 2**64
+
+
 class Sampler:
     """Greedy (temperature 0) or temperature / top-k / top-p sampling, with repetition penalty.
 
@@ -27,7 +35,7 @@ class Sampler:
         if not self.greedy:
             self.generator = torch.Generator(device="cpu")
             if options.seed is not None:
-                self.generator.manual_seed(options.seed)
+                self.generator.manual_seed(torch_seed(options.seed))
             else:
                 self.generator.seed()
 
