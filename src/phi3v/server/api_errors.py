@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi.responses import JSONResponse
 
 from ..errors import ImageError, Phi3VError, PromptError, PromptTooLongError, TooManyImagesError
+
+
+# The code of an error raised without one: every error body names a code, never null.
+STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large",
+                429: "rate_limit_exceeded", 500: "internal_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -17,7 +25,7 @@ class APIError(Exception):
         self.message = message
         self.type = type
         self.param = param
-        self.code = code
+        self.code = code or STATUS_CODES.get(status, f"http_{status}")
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -50,6 +58,13 @@ def from_phi3v_error(err: Phi3VError, *, param: str | None = None) -> APIError:
     if isinstance(err, PromptError):
         return APIError(400, str(err), param=param or "messages", code="invalid_prompt")
     return APIError(400, str(err), param=param, code="invalid_value")
+
+
+def unsupported_parameter(name: str, value) -> APIError:
+    """400 for an OpenAI parameter this server cannot honour (schemas.UNSUPPORTED_PARAMETERS)."""
+    shown = json.dumps(value, default=str)[:80]
+    return APIError(400, f"Unsupported parameter: {name}={shown} is not supported by this server "
+                         f"(phi3v generates one text answer per request).", param=name, code="unsupported_parameter")
 
 
 def internal_error() -> APIError:

@@ -14,10 +14,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from .api_errors import APIError, internal_error
+from .api_errors import APIError, internal_error, unsupported_parameter
 from .body_limit import BodyLimitMiddleware, BodyTooLarge
 from .engine_worker import EngineWorker
-from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from .schemas import (CONTENT_PART_TYPES, UNSUPPORTED_PARAMETERS, ChatCompletion, ChatCompletionRequest,
+                      ErrorResponse, ModelCard, ModelList)
 from .service import ChatService
 from .settings import ServerSettings, accepted_model_names, served_model_id
 
@@ -122,6 +123,10 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
                 "queue": worker.snapshot()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    # HEAD /health: the same status without a body (load balancers' checks), kept out of the schema
+    # (one operation per path and method there).
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def web_page():
         return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
@@ -138,11 +143,22 @@ def _page() -> str:
 
 
 def _validation_response(err: RequestValidationError) -> APIError:
-    """The first pydantic error as one OpenAI 400: `param` is the field path (messages.0.content)."""
-    first = (err.errors() or [{}])[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    """One pydantic error as one OpenAI 400: `param` is the field path (messages.0.content).
+
+    Of a union's failed alternatives (content: a string or a list of parts), the error that
+    went deepest into the value is the one that says what is wrong.
+    """
+    errors = err.errors() or [{}]
+    # An alternative of the right type first, then the deepest; max keeps the first of equals.
+    first = max(errors, key=lambda e: (not e.get("type", "").endswith("_type"), len(e.get("loc", ()))))
+    loc = _param_path(first.get("loc", ()))
     param = ".".join(loc) or None
     kind = first.get("type", "")
+    body = getattr(err, "body", None)
+    if loc and loc[0] in UNSUPPORTED_PARAMETERS and not kind.endswith("_type") and isinstance(body, dict):
+        return unsupported_parameter(loc[0], body.get(loc[0]))
+    if kind == "invalid_unicode":
+        return APIError(400, f"{param}: {first.get('msg')}", param=param, code="invalid_unicode")
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unrecognized_argument")
@@ -152,3 +168,23 @@ def _validation_response(err: RequestValidationError) -> APIError:
         return APIError(400, "The request body is missing; send a JSON object.", code="invalid_request")
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "Invalid request.")
     return APIError(400, message, param=param, code="invalid_value")
+
+
+def _param_path(loc) -> list[str]:
+    """A pydantic error location as the request's own path.
+
+    pydantic names the union alternative it tried inside the location ("function-after[...]",
+    "list[...]") and, for content parts, the part's type tag right after its index
+    (messages.0.content.list[...].1.text.text); neither is in the request.
+    """
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        if part == "body" and i == 0:
+            continue
+        if isinstance(part, str) and ("[" in part or "(" in part):
+            continue
+        if isinstance(part, str) and part in CONTENT_PART_TYPES and out and out[-1].isdigit() \
+                and i + 1 < len(loc) and "content" in out:
+            continue  # the tag; the field of the same name follows it
+        out.append(str(part))
+    return out

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from ..options import OPTION_BY_NAME, OPTIONS
 
@@ -24,72 +25,107 @@ def option_field(option: str):
     spec = OPTION_BY_NAME[option]
     return Field(default=None, description=spec.help, **spec.request_bounds.pydantic())
 
+
+# Request bodies are read strictly, as OpenAI reads them: no coercion (true is not 1, "10" is not 10,
+# "yes" is not true), no NaN or Infinity (Python's JSON parser accepts them), unknown names refused.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _valid_unicode(text: str) -> str:
+    """Refuse a lone surrogate ("\\ud800" in JSON): it is no character, and the tokenizer cannot take it."""
+    if not text.isascii():  # O(1) for ASCII strings, so long ASCII prompts cost nothing here
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise PydanticCustomError(
+                "invalid_unicode", "must be valid Unicode text, but holds a lone surrogate (U+{code}) at "
+                "character {at}", {"code": f"{ord(text[err.start]):04X}", "at": err.start}) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+# Parameters OpenAI defines that this server cannot honour: their fields allow only the value that
+# means "off", so the schema says what the server accepts; other values are 400s with code
+# "unsupported_parameter" (app.py).
+UNSUPPORTED_PARAMETERS = frozenset({
+    "frequency_penalty", "logit_bias", "logprobs", "modalities", "n", "presence_penalty", "response_format",
+    "tool_choice", "tools", "top_logprobs"})
+CONTENT_PART_TYPES = ("text", "image_url")  # the `type` tags of content parts
+
 # ---- request ------------------------------------------------------------------------------
 
 
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    url: str = Field(description="A `data:image/...;base64,` URI; http(s) only with --allow-remote-images.")
+    model_config = REQUEST_CONFIG
+    url: Text = Field(description="A `data:image/...;base64,` URI; http(s) only with --allow-remote-images.")
     detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored: use num_crops
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURLPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     type: Literal["image_url"]
     image_url: ImageURL
 
+
+MAX_STOP_STRINGS = 4
 
 ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
-    name: str | None = None  # accepted, ignored
-    refusal: str | None = None  # accepted on assistant turns echoed back by clients, ignored
+    content: Union[Text, list[ContentPart], None] = None
+    name: Text | None = None  # accepted, ignored
+    refusal: Text | None = None  # accepted on assistant turns echoed back by clients, ignored
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
     include_usage: bool | None = None
     include_obfuscation: bool | None = None  # accepted, ignored
 
 
+class ResponseFormatText(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    frequency_penalty: float | None = None  # only 0 / null supported
-    logit_bias: dict[str, float] | None = None  # only empty / null supported
-    logprobs: bool | None = None  # only false / null supported
+    model: Text
+    frequency_penalty: float | None = Field(None, ge=0, le=0)  # only 0 / null supported
+    logit_bias: dict[Text, float] | None = Field(None, max_length=0)  # only empty / null supported
+    logprobs: Literal[False] | None = None  # only false / null supported
     max_completion_tokens: int | None = option_field("max_new_tokens")
     max_tokens: int | None = option_field("max_new_tokens")
-    metadata: dict[str, str] | None = None  # accepted, ignored
-    modalities: list[str] | None = None  # only ["text"] supported
-    n: int | None = None  # only 1 supported
+    metadata: dict[Text, Text] | None = None  # accepted, ignored
+    modalities: list[Literal["text"]] | None = Field(None, min_length=1, max_length=1)  # only ["text"] supported
+    n: int | None = Field(None, ge=1, le=1)  # only 1 supported
     parallel_tool_calls: bool | None = None  # accepted, ignored (no tools)
-    presence_penalty: float | None = None  # only 0 / null supported
-    response_format: dict[str, Any] | None = None  # only {"type": "text"} supported
+    presence_penalty: float | None = Field(None, ge=0, le=0)  # only 0 / null supported
+    response_format: ResponseFormatText | None = None  # only {"type": "text"} supported
     seed: int | None = option_field("seed")
-    service_tier: str | None = None  # accepted, ignored
-    stop: Union[str, list[str], None] = option_field("stop")
+    service_tier: Text | None = None  # accepted, ignored
+    stop: Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)], None] = option_field("stop")
     store: bool | None = None  # accepted, ignored
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = option_field("temperature")
-    tool_choice: Any = None  # only null / "none" supported
-    tools: list[Any] | None = None  # only empty / null supported
-    top_logprobs: int | None = None  # only 0 / null supported
+    tool_choice: Literal["none"] | None = None  # only null / "none" supported
+    tools: list[Any] | None = Field(None, max_length=0)  # only empty / null supported
+    top_logprobs: int | None = Field(None, ge=0, le=0)  # only 0 / null supported
     top_p: float | None = option_field("top_p")
-    user: str | None = None  # accepted, ignored
+    user: Text | None = None  # accepted, ignored
 
     # ---- phi3v extension ----
     num_crops: int | None = option_field("num_crops")

@@ -1,8 +1,10 @@
 """One chat-completions request: validate -> phi3v messages -> prepare -> queue -> response or SSE.
 
-Everything a client can get wrong is checked before the request waits for the engine: the
-model name, unsupported parameters, image URLs and their base64, the image count, the prompt
-length (images are decoded and tokenized in a small thread pool so the event loop stays free).
+Everything a client can get wrong is checked before the request waits for the engine, so a
+request joins a batch only once nothing about it can fail: the body's types and ranges (schemas.py),
+the model name, image URLs, the image count and the characters of text (here, on the event loop,
+all cheap), then the base64, the images, the tokens and the fit in the context (preparation, in
+threads with a deadline: preparation.py).
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -26,26 +27,36 @@ from ..options import GenerationOptions
 from .api_errors import APIError, context_length_error, from_phi3v_error, internal_error
 from .engine_worker import EngineWorker, GenerationJob, QueueFullError
 from .prepare_budget import PrepareBudget
+from .preparation import Preparer
 from .schemas import ChatCompletionRequest, requested_options
 from .settings import ServerSettings
+from .text_budget import check_prompt_chars, default_max_prompt_chars
 
 log = logging.getLogger("phi3v.server")
 
 SYSTEM_FINGERPRINT = f"phi3v-{__version__}"
 DISCONNECT_POLL_S = 0.25
-MAX_STOP_STRINGS = 4
 
 
 @dataclass
 class Plan:
     """A request checked and converted, before any image is decoded."""
 
-    messages: list  # phi3v messages (data: images already decoded to bytes)
+    messages: list  # phi3v messages (data: images as DataURI until decode_images)
     options: GenerationOptions  # max_new_tokens may still be the default
     max_tokens_given: bool
     num_crops: int | None
     stream: bool
     include_usage: bool
+    has_images: bool = False
+
+
+@dataclass(frozen=True)
+class DataURI:
+    """An image sent as a data: URI, its base64 decoded later, off the event loop (decode_images)."""
+
+    url: str
+    param: str  # where it was in the request, for the 400 if its base64 is bad
 
 
 class ChatService:
@@ -65,28 +76,28 @@ class ChatService:
             max_pixels=settings.max_image_pixels,
             max_request_pixels=settings.max_request_pixels,
         )
-        self.executor = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="phi3v-prepare")
+        self.preparer = Preparer(settings.prepare_threads, settings.prepare_timeout_s)
+        context = getattr(model, "context_length", None)
+        self.max_prompt_chars = settings.max_prompt_chars or (default_max_prompt_chars(context) if context else None)
         # Preparations in flight share a memory budget (estimated from image headers).
         self.prepare_budget = PrepareBudget(settings.prepare_memory_bytes, self.policy,
                                             getattr(model, "default_num_crops", None))
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.preparer.close()
 
     # ---- checks that need no image decoding --------------------------------------------
     def plan(self, req: ChatCompletionRequest) -> Plan:
         if req.model not in self.accepted_names:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves `{self.model_id}`.",
                            param="model", code="model_not_found")
-        _reject_unsupported(req)
         messages = self._convert_messages(req)
+        check_prompt_chars(messages, self.max_prompt_chars)  # before anything is tokenized
         requested = requested_options(req)  # {GenerationOptions field: value or None}
         num_crops = requested["num_crops"] or self.settings.default_num_crops
         max_tokens = requested["max_new_tokens"]
         stop = requested["stop"]
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.", param="stop")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])  # at most 4: the schema says so
         try:
             options = GenerationOptions.from_kwargs(**{
                 **requested,
@@ -97,10 +108,13 @@ class ChatService:
         except Phi3VError as err:
             raise from_phi3v_error(err) from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Plan(messages, options, max_tokens is not None, num_crops, bool(req.stream), include_usage)
+        has_images = any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
+                         for m in messages)
+        return Plan(messages, options, max_tokens is not None, num_crops, bool(req.stream), include_usage,
+                    has_images)
 
     def _convert_messages(self, req: ChatCompletionRequest) -> list:
-        """OpenAI messages -> phi3v messages; data: URIs decoded here so bad base64 is a 400."""
+        """OpenAI messages -> phi3v messages; data: URIs kept as DataURI, for decode_images."""
         out, n_images = [], 0
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
@@ -128,7 +142,7 @@ class ChatService:
     def _image_part(self, url: str, param: str) -> dict:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            return {"type": "image", "image": self._decode_data_uri(url, param)}
+            return {"type": "image", "image": DataURI(url, param)}
         if scheme in ("http", "https"):
             if not self.settings.allow_remote_images:
                 raise APIError(400, f"{param}: remote image URLs are disabled on this server; send the image as a "
@@ -148,7 +162,17 @@ class ChatService:
             code = "invalid_base64" if isinstance(err, InvalidBase64Error) else "invalid_image"
             raise APIError(400, f"{param}: {err}", param=param, code=code) from None
 
-    # ---- image decoding and tokenization (thread pool) ---------------------------------
+    # ---- preparation: base64, images, tokens (threads, preparation.py) -----------------
+    def decode_images(self, plan: Plan) -> Plan:
+        """The plan with its data: URIs decoded to bytes (a 400 naming the part if one is bad)."""
+        if not plan.has_images:
+            return plan
+        messages = [m if not isinstance(m["content"], list) else
+                    {**m, "content": [{**p, "image": self._decode_data_uri(p["image"].url, p["image"].param)}
+                                      if isinstance(p.get("image"), DataURI) else p for p in m["content"]]}
+                    for m in plan.messages]
+        return replace(plan, messages=messages)
+
     def prepare(self, plan: Plan):
         """-> (PreparedPrompt, GenerationOptions with the final max_new_tokens). Runs off the loop."""
         try:
@@ -172,13 +196,18 @@ class ChatService:
             raise from_phi3v_error(err) from None
         return prepared, options
 
+    async def _prepare(self, plan: Plan, *, pool):
+        """Base64, then the memory budget, then images and tokens: each blocking step in `pool`."""
+        plan = await asyncio.get_running_loop().run_in_executor(pool, self.decode_images, plan)
+        return await self.prepare_budget.run(pool, self.prepare, plan)
+
     async def admit(self, plan: Plan) -> GenerationJob:
         """Prepare and queue the request; raise APIError (400 / 429) before it waits."""
         if not self.worker.has_room():  # cheap early 429: do not decode images for nothing
             raise _too_busy(self.worker.reject())
         loop = asyncio.get_running_loop()
         try:
-            prepared, options = await self.prepare_budget.run(self.executor, self.prepare, plan)
+            prepared, options = await self.preparer.run(self._prepare, plan, images=plan.has_images)
         except APIError:
             raise
         except Exception:
@@ -278,28 +307,6 @@ class ChatService:
                 "timings": {k: round(float(v), 4) for k, v in completion.timings.to_dict().items()},
             },
         }
-
-
-def _reject_unsupported(req: ChatCompletionRequest) -> None:
-    """OpenAI parameters this server cannot honour: a non-default value is a 400, not silently ignored."""
-    problems = {
-        "n": req.n not in (None, 1),
-        "logprobs": bool(req.logprobs),
-        "top_logprobs": req.top_logprobs not in (None, 0),
-        "frequency_penalty": req.frequency_penalty not in (None, 0),
-        "presence_penalty": req.presence_penalty not in (None, 0),
-        "logit_bias": bool(req.logit_bias),
-        "tools": bool(req.tools),
-        "tool_choice": req.tool_choice not in (None, "none"),
-        "response_format": req.response_format not in (None, {"type": "text"}),
-        "modalities": req.modalities not in (None, ["text"]),
-    }
-    for name, bad in problems.items():
-        if bad:
-            value = json.dumps(getattr(req, name), default=str)[:80]
-            raise APIError(400, f"Unsupported parameter: {name}={value} is not supported by this server "
-                                f"(phi3v generates one text answer per request).", param=name,
-                           code="unsupported_parameter")
 
 
 async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:

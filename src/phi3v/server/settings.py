@@ -65,8 +65,16 @@ class ServerSettings:
                                       bounds=Bounds(0, lo_open=True), metavar="S")
     remote_max_bytes: int = setting(20 * MIB, "largest remote image in MiB", "--remote-max-mb",
                                     bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
-    prepare_threads: int = setting(2, "threads decoding images and tokenizing, off the event loop",
+    prepare_threads: int = setting(4, "threads fetching and decoding the images of requests, off the event loop "
+                                      "(requests without images have 2 threads of their own)",
                                    "--prepare-threads", bounds=POSITIVE, metavar="N")
+    prepare_timeout_s: float = setting(
+        30.0, "seconds a request may take to be prepared (waiting for a thread, fetching and decoding its "
+              "images, tokenizing); then 408", "--prepare-timeout-s", bounds=Bounds(0, lo_open=True), metavar="S")
+    max_prompt_chars: int = setting(
+        0, "characters of text per request, over all messages, checked before tokenizing; more get 400",
+        "--max-prompt-chars", bounds=Bounds(0), metavar="N",
+        default_text="0: 16 x the model's context, which no longer text can fit")
     # Memory budgets (docs: ImageSourcePolicy, server/prepare_budget.py): all checked before the
     # memory is used, from image headers, so one request cannot take the machine's RAM.
     max_image_pixels: int = setting(
