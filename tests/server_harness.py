@@ -56,6 +56,7 @@ class RunningServer:
         import uvicorn
 
         from phi3v.server import create_app
+        from phi3v.server.connections import uvicorn_config
 
         self.app = create_app(model, settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -63,7 +64,8 @@ class RunningServer:
         self.sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
+        # The config of `phi3v serve` (limits, header deadline); host and port come from the socket.
+        config = uvicorn_config(self.app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

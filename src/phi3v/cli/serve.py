@@ -8,6 +8,7 @@ setting, see `setting` there); --host, --port and --log-level are uvicorn's, not
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -82,6 +83,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**values)
 
 
+def served_settings(args: argparse.Namespace) -> ServerSettings:
+    """The settings `phi3v serve` runs with: those of the flags, and the Host allow-list's default
+    for the address bound (localhost names on loopback, where DNS rebinding is the threat; on any
+    other address its names are unknown here, a DNS name or a proxy's: any, unless --allowed-hosts)."""
+    settings = settings_from_args(args)
+    if not _is_loopback(args.host) and settings.allowed_hosts is None:
+        settings = dataclasses.replace(settings, allowed_hosts="*")
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     try:  # before the model loads: a missing extra fails in milliseconds
         import fastapi  # noqa: F401
@@ -90,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         raise missing_extra(err, "serve", "server") from None
 
     from ..server import create_app
+    from ..server.connections import uvicorn_config
 
-    settings = settings_from_args(args)
+    settings = served_settings(args)
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use "
               f"the model", file=sys.stderr)
@@ -102,8 +114,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"phi3v: serving {model.name} at http://{shown}:{args.port}/  (API: /v1/chat/completions)",
           file=sys.stderr)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    # Limits and deadlines of connections (server/connections.py): header and keep-alive timeouts,
+    # at most --max-connections, bounded header size.
+    server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    return 0 if server.started else 3  # as uvicorn.run: it never started (port in use, ...)
 
 
 def _is_loopback(host: str) -> bool:

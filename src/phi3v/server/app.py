@@ -10,13 +10,16 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from .api_errors import APIError, internal_error, unsupported_parameter
+from .body_deadline import BodyDeadlineMiddleware, BodyTimeout
 from .body_limit import BodyLimitMiddleware, BodyTooLarge
 from .engine_worker import EngineWorker
+from .host_guard import LOOPBACK_NAMES, HostGuardMiddleware, parse_list
 from .schemas import (CONTENT_PART_TYPES, UNSUPPORTED_PARAMETERS, ChatCompletion, ChatCompletionRequest,
                       ErrorResponse, ModelCard, ModelList)
 from .service import ChatService
@@ -24,7 +27,7 @@ from .settings import ServerSettings, accepted_model_names, served_model_id
 
 log = logging.getLogger("phi3v.server")
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 429, 500)}
 
 
 def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
@@ -58,6 +61,15 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.worker, app.state.service = settings, worker, service
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Added last = runs first: the Host/Origin check, then the body deadline, then the size limit.
+    app.add_middleware(BodyDeadlineMiddleware, seconds=settings.body_timeout_s)
+    origins = parse_list(settings.allowed_origins)
+    if origins:  # pages of these origins may call /v1 from a browser: answer their CORS preflights
+        app.add_middleware(CORSMiddleware, allow_origins=["*"] if "*" in origins else list(origins),
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+    # allowed_hosts None: localhost names only (phi3v serve passes `*` when bound to a public address).
+    hosts = LOOPBACK_NAMES if settings.allowed_hosts is None else parse_list(settings.allowed_hosts)
+    app.add_middleware(HostGuardMiddleware, allowed_hosts=hosts, allowed_origins=origins)
 
     # ---- errors: always the OpenAI shape, never a traceback ---------------------------------
     @app.exception_handler(APIError)
@@ -70,8 +82,8 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException):
-        if isinstance(err, BodyTooLarge):
-            raise err  # BodyLimitMiddleware drains the body, then answers 413
+        if isinstance(err, (BodyTooLarge, BodyTimeout)):
+            raise err  # their middleware answers (413 after draining the body; 408), closing the connection
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
         return APIError(err.status_code, str(err.detail), code=code, headers=dict(err.headers or {})).response()
 

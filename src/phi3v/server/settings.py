@@ -97,10 +97,27 @@ class ServerSettings:
                                    default_text="the hub id, or a local folder's name")
     model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
                                    default_text="the hub id, or a local folder's name")
+    # ---- hardening (issue 11): who may talk to the server, and how long a connection may dawdle ----
+    allowed_hosts: str | None = setting(
+        None, "Host header names accepted, comma-separated (port ignored; `*.example.com` for subdomains; "
+              "`*`: any); other names get 400. Stops DNS-rebinding web pages from reaching a local server",
+        "--allowed-hosts", metavar="LIST",
+        default_text="localhost,127.0.0.1,[::1] when --host is a loopback address, else *")
+    allowed_origins: str | None = setting(
+        None, "web origins (scheme://host[:port], comma-separated; `*`: any) whose pages may call /v1 from a "
+              "browser (CORS); requests from other origins get 403", "--allowed-origins", metavar="LIST",
+        default_text="only the page at / (same origin)")
     allow_private_image_urls: bool = setting(
         False, "with --allow-remote-images, also fetch from loopback, link-local and private addresses "
                "(otherwise refused: clients could reach services on the server's network)",
         "--allow-private-image-urls", default_text="off")
+    header_timeout_s: float = setting(10.0, "seconds a client has to send a request's headers; then the "
+                                            "connection is closed", "--header-timeout-s",
+                                      bounds=Bounds(0, lo_open=True), metavar="S")
+    body_timeout_s: float = setting(60.0, "seconds a client has to send a request's whole body; then 408",
+                                    "--body-timeout-s", bounds=Bounds(0, lo_open=True), metavar="S")
+    max_connections: int = setting(256, "open connections and requests in progress; more get 503",
+                                   "--max-connections", bounds=POSITIVE, metavar="N")
 
     def __post_init__(self):
         for f in fields(self):
