@@ -2,7 +2,8 @@
 
 Issue 11: seeds outside torch's range, a temperature or top_p that rounds to 0 in float32 and
 bools or text where numbers belong crashed inside generation (or were silently coerced).
-Decisions: any integer is a seed (outside torch's range, reduced modulo 2**64); a temperature
+Text that is not valid Unicode (a lone surrogate) is a PromptError, not a TypeError from the
+tokenizer. Decisions: any integer is a seed (outside torch's range, reduced modulo 2**64); a temperature
 below float32's smallest normal number is greedy; top_p always keeps the top token.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 import phi3v
 from phi3v.engine.sampling import Sampler, torch_seed
-from phi3v.errors import Phi3VError
+from phi3v.errors import Phi3VError, PromptError
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -72,6 +73,13 @@ def test_extreme_repetition_penalty_gives_a_valid_distribution(penalty):
         sampler = Sampler(phi3v.GenerationOptions(seed=1, temperature=temperature, repetition_penalty=penalty),
                           "cpu")
         assert 0 <= sampler(LOGITS, seen) < LOGITS.numel()
+
+
+def test_lone_surrogate_is_a_prompt_error(tiny_model):
+    for kwargs in ({"prompt": "x\ud800y"}, {"messages": [{"role": "user", "content": "ok \udfff"}]}):
+        with pytest.raises(PromptError, match="lone surrogate"):
+            tiny_model.prepare(**kwargs)
+    assert tiny_model.prepare(prompt="naïve 日本 🙂").input_ids  # real non-ASCII text is fine
 
 
 def test_tiny_temperature_generates_like_greedy(tiny_model):

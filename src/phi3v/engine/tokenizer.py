@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PromptError
 
 _REPLACEMENT = "\ufffd"  # what byte fallback produces for an incomplete / invalid UTF-8 byte run
 # Unicode White_Space (Rust's char::is_whitespace), what an added token's lstrip/rstrip swallows in
@@ -33,6 +33,18 @@ _REPLACEMENT = "\ufffd"  # what byte fallback produces for an incomplete / inval
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _LEADING_WS = re.compile(f"^[{_WHITESPACE}]+")
 _TRAILING_WS = re.compile(f"[{_WHITESPACE}]+$")
+
+
+def _check_unicode(text: str) -> None:
+    """PromptError for a lone surrogate ("\\ud800" from JSON, or os.fsdecode's escapes): it is no
+    character, and `tokenizers` refuses the whole string with a bare TypeError."""
+    if text.isascii():  # O(1) for ASCII strings
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PromptError(f"the text is not valid Unicode: it holds a lone surrogate (U+{ord(text[err.start]):04X}) "
+                          f"at character {err.start} of the prompt") from None
 
 
 def _plain_tokenizer(tok: _HFTokenizer) -> _HFTokenizer:
@@ -119,6 +131,7 @@ class Tokenizer:
         honoured: `<|end|>` there is the characters "<", "|", "end", ... Text with no added token
         in these ranges gets exactly the ids of encode(text).
         """
+        _check_unicode(text)
         if not plain_spans or self._added_re is None:
             return self._tok.encode(text, add_special_tokens=True).ids
         return [self.bos_id, *self._encode_segments(self._segments(text, plain_spans))]
