@@ -74,7 +74,8 @@ class ServerSettings:
     max_prompt_chars: int = setting(
         0, "characters of text per request, over all messages, checked before tokenizing; more get 400",
         "--max-prompt-chars", bounds=Bounds(0), metavar="N",
-        default_text="0: 16 x the model's context, which no longer text can fit")
+        default_text="0 = 16 x the model's context: no token spells more than 16 characters, so longer text "
+                     "cannot fit")
     # Memory budgets (docs: ImageSourcePolicy, server/prepare_budget.py): all checked before the
     # memory is used, from image headers, so one request cannot take the machine's RAM.
     max_image_pixels: int = setting(
