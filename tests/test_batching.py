@@ -137,6 +137,38 @@ def test_rows_joining_and_leaving_between_steps_equal_alone(model):
         assert (have - want_logits).abs().max() < 1e-4 * want_logits.abs().max(), f"row {r}"
 
 
+def test_chunked_prefill_lets_running_rows_decode_and_equals_alone(model):
+    """With prefill_chunk, a long newcomer is prefilled over several steps while the running row
+    keeps producing a token every step; both rows still equal their runs alone."""
+    prepared = [model.prepare(prompt="Running."),
+                model.prepare(prompt="A long newcomer prompt that goes on " * 5, images=[picture(12)])]
+    feats = model._image_features(prepared)
+    chunk = 16
+    lengths = [len(prepared[1].input_ids) // chunk + 8, 6]  # row 0 outlives row 1's prefill
+    rows = [Row(torch.tensor(p.input_ids), f, Opts(max_new_tokens=n)) for p, f, n in zip(prepared, feats, lengths)]
+    assert rows[1].prompt_ids.numel() > 4 * chunk
+    loop = DecodeLoop(model.module, frozenset(), model.config.rope_switch, prefill_chunk=chunk)
+    loop.add(rows[0])
+    while not rows[0].generated:
+        loop.step()
+    loop.add(rows[1])
+    steps_while_prefilling = 0
+    while any(r is rows[1] for r in loop.waiting):
+        events = loop.step()
+        joined = not any(r is rows[1] for r in loop.waiting)  # its last part went in this step
+        assert [r for r, _ in events] == ([rows[0], rows[1]] if joined else [rows[0]]), \
+            "the running row decodes while the newcomer prefills"
+        steps_while_prefilling += 1
+    assert steps_while_prefilling >= rows[1].prompt_ids.numel() // chunk - 1
+    while loop.busy:
+        loop.step()
+    for r in range(2):
+        state = GenerationState(rows[r].prompt_ids, rows[r].image_embeds, None)
+        want = list(generate_ids(model.module, state, Opts(max_new_tokens=lengths[r]), frozenset(),
+                                 model.config.rope_switch))
+        assert rows[r].generated == want, f"row {r}"
+
+
 def test_stream_yields_row_deltas_and_close_cancels(model):
     prepared = [model.prepare(prompt="One"), model.prepare(prompt="Two two")]
     options = [Opts(max_new_tokens=4), Opts(max_new_tokens=20)]

@@ -221,9 +221,10 @@ class Phi3V:
 
         return BatchStream(self.new_loop(), make_rows, [self._not_started(p) for p in prepared])
 
-    def new_loop(self, logits_hook=None) -> DecodeLoop:
-        """A generation loop on this model (rows can join and leave between its steps)."""
-        return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook)
+    def new_loop(self, logits_hook=None, prefill_chunk: int | None = None) -> DecodeLoop:
+        """A generation loop on this model (rows can join and leave between its steps);
+        prefill_chunk: prompt tokens prefilled per step at most (None: whole prompts)."""
+        return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook, prefill_chunk)
 
     def start_row(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
                   reuse_conversation: bool = False) -> Row:

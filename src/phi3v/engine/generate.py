@@ -6,7 +6,9 @@ rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
     1. feed     the token each running row sampled last step goes through the decoder, all rows
                 in one call (RunningBatch); a Phi-3.5-vision row crossing 4096 is re-prefilled
     2. admit    rows added since the last step are prefilled, each alone (reusing a cached prefix
-                when it brings one), and join the running batch
+                when it brings one), and join the running batch; with `prefill_chunk`, at most
+                that many prompt tokens are prefilled per step, so a long prompt joining does
+                not stall the others' streams (it joins after a few steps)
     3. sample   every running row picks its next token, pushes it to its text, and leaves the
                 batch when it is done (stop id, stop string, max_new_tokens)
 
@@ -68,6 +70,8 @@ class Row:
     kv: KVCache | None = None  # with retain: its cache at the end (prompt + generated[:-1])
     _sampler: Sampler | None = None
     _pending: int | None = None  # sampled, not yet fed to the decoder
+    _prefilled: int | None = None  # prompt tokens in its cache so far (None: prefill not started)
+    _embeds: torch.Tensor | None = None  # (L - start, hidden) prompt embeddings while prefilling
     _first_token_at: float | None = None
 
     @property
@@ -92,11 +96,15 @@ class DecodeLoop:
     """Rows decoding together; see the module docstring. Not thread-safe: one thread steps it."""
 
     def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
-                 logits_hook=None):
+                 logits_hook=None, prefill_chunk: int | None = None):
         """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
-        logits) sees the float32 logits each token is chosen from (for tests)."""
+        logits) sees the float32 logits each token is chosen from (for tests). prefill_chunk:
+        prompt tokens prefilled per step at most (None: whole prompts at once). A prompt longer
+        than original_max_position_embeddings is prefilled at once all the same: its every
+        position is rotated with the long factors, which a call over a shorter chunk would not do."""
         self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
         self.logits_hook = logits_hook
+        self.prefill_chunk = prefill_chunk
         self.batch = RunningBatch(model)
         self.running: list[Row] = []  # in batch order
         self.waiting: list[Row] = []
@@ -117,8 +125,9 @@ class DecodeLoop:
         when asked. Rows already done are left as they are."""
         if row.done:
             return
-        if row in self.waiting:
+        if any(r is row for r in self.waiting):
             self.waiting = [r for r in self.waiting if r is not row]
+            row.cache = row._embeds = None  # a part-prefilled prompt's memory goes now
         elif any(r is row for r in self.running):
             self._leave({id(row)})
         row.finish_reason = "cancelled"
@@ -160,17 +169,25 @@ class DecodeLoop:
         self._logits = logits
 
     def _admit(self) -> list[Row]:
-        """Prefill the waiting rows, each alone, and add them to the batch -> rows that failed."""
+        """Prefill waiting rows (first come, first served; each alone) within this step's token
+        budget and add the finished ones to the batch -> rows that failed."""
         failed = []
         new_logits = []
-        while self.waiting:
-            row = self.waiting.pop(0)
+        budget = self.prefill_chunk or None  # None: no limit
+        while self.waiting and (budget is None or budget > 0):
+            row = self.waiting[0]
             try:
-                logits = self._prefill(row)
+                logits, used = self._prefill(row, budget)
             except Exception as err:  # noqa: BLE001 - only this row is concerned
-                row.finish_reason, row.error = "error", err
+                self.waiting.pop(0)
+                row.finish_reason, row.error, row._embeds = "error", err, None
                 failed.append(row)
                 continue
+            if budget is not None:
+                budget -= used
+            if logits is None:
+                break  # part of its prompt is left for the next steps
+            self.waiting.pop(0)
             self.batch.join(row.cache)
             row.cache = None  # owned by the batch now
             self.running.append(row)
@@ -224,20 +241,32 @@ class DecodeLoop:
 
     # -- helpers ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _prefill(self, row: Row) -> torch.Tensor:
+    def _prefill(self, row: Row, budget: int | None) -> tuple[torch.Tensor | None, int]:
+        """Prefill the next part of row's prompt (at most `budget` tokens, unless the prompt needs
+        the long factors) -> (last-position logits once the whole prompt is in, tokens done)."""
         t0 = time.perf_counter()
-        start = row.reuse_prefix if row.cache is not None else 0
-        if row.cache is None:
-            row.cache = self.model.new_cache()
-        if row.image_embeds:  # placeholders may sit in the reused part: embed all, keep the rest
-            embeds = self.model.embed(row.prompt_ids, row.image_embeds)[start:]
-        else:
-            embeds = self.model.embed(row.prompt_ids[start:])
-        row.cache.length = start
-        logits = prefill(self.model, embeds, start, row.cache)
-        row.long_rope = self.model.cfg.text.uses_long_rope(row.prompt_ids.numel())
-        row.timings.prefill_s = time.perf_counter() - t0
-        return logits
+        L = row.prompt_ids.numel()
+        long_prompt = self.model.cfg.text.uses_long_rope(L)
+        if row._prefilled is None:  # first part: the cache, and the prompt's embeddings
+            start = row.reuse_prefix if row.cache is not None else 0
+            if row.cache is None:
+                row.cache = self.model.new_cache()
+            row.cache.length = start
+            if row.image_embeds:  # placeholders may sit in the reused part: embed all, keep the rest
+                row._embeds = self.model.embed(row.prompt_ids, row.image_embeds)[start:]
+            else:
+                row._embeds = self.model.embed(row.prompt_ids[start:])
+            row._prefilled = start
+        start, done = L - row._embeds.shape[0], row._prefilled
+        n = L - done if budget is None or long_prompt else min(budget, L - done)
+        logits = prefill(self.model, row._embeds[done - start:done - start + n], done, row.cache)
+        row._prefilled = done + n
+        row.timings.prefill_s += time.perf_counter() - t0
+        if row._prefilled < L:
+            return None, n
+        row._embeds = None
+        row.long_rope = long_prompt
+        return logits, n
 
     @torch.inference_mode()
     def _recompute_long(self, j: int) -> torch.Tensor:

@@ -57,47 +57,87 @@ def reusable_prefix(retained: RetainedConversation, new_ids: list[int], new_imag
 
 
 class ConversationCache:
-    """Holds the last conversation's KV cache for the next request (thread-safe hand-over).
+    """Finished conversations' KV caches, kept for requests that continue them (thread-safe).
 
-    take() gives the next request the reusable part (or nothing) and forgets it either way, so a
-    cache is never shared by two generations; keep() stores a finished row's cache.
+    An LRU of at most `max_entries` conversations whose caches take at most `max_bytes` together.
+    take() hands the entry with the longest reusable prefix to the next request and forgets it (a
+    cache is never shared by two generations); keep() stores a finished row's cache, newest first,
+    evicting the least recently used beyond the budgets. With one entry (the Python API's default)
+    a request that cannot reuse it drops it, so its memory is free before a new cache grows.
     """
 
-    def __init__(self, text_cfg, enabled: bool = True, min_tokens: int = 16, max_bytes: int | None = None):
-        """max_bytes: a finished conversation whose KV cache takes more is not kept (None: any;
-        it is at most one context's worth). It was in memory while generating anyway, but kept
-        it would stay there next to the following requests' caches."""
+    def __init__(self, text_cfg, enabled: bool = True, min_tokens: int = 16, max_bytes: int | None = None,
+                 max_entries: int = 1):
+        """max_bytes: byte budget of all kept caches (None: any; one cache is at most one
+        context's worth). It was in memory while generating anyway, but kept it would stay there
+        next to the following requests' caches."""
         self.text_cfg, self.enabled, self.min_tokens = text_cfg, bool(enabled), min_tokens
-        self.max_bytes = max_bytes
-        self.retained: RetainedConversation | None = None
+        self.max_bytes, self.max_entries = max_bytes, max(1, int(max_entries))
+        self._entries: list[RetainedConversation] = []  # most recently used first
         self._lock = threading.Lock()
+        self.hits = 0  # requests that reused a kept prefix
+        self.misses = 0
+
+    @property
+    def retained(self) -> RetainedConversation | None:
+        """The most recently kept conversation (None when nothing is kept)."""
+        with self._lock:
+            return self._entries[0] if self._entries else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.cache.nbytes() for e in self._entries)
 
     def take(self, input_ids: list[int], image_keys: list[str]) -> tuple[int, object]:
         """-> (tokens reused, one-row KVCache cut to them) or (0, None)."""
-        with self._lock:
-            retained, self.retained = self.retained, None
-        if retained is None or not self.enabled:
+        if not self.enabled:
             return 0, None
         new_long = self.text_cfg.uses_long_rope(len(input_ids))
-        reuse = reusable_prefix(retained, input_ids, image_keys, new_long, self.min_tokens)
-        if not reuse:
-            return 0, None  # `retained` goes: its memory is freed before a new cache grows
-        retained.cache.truncate(reuse)
-        return reuse, retained.cache
+        with self._lock:
+            best, reuse = None, 0
+            for entry in self._entries:
+                n = reusable_prefix(entry, input_ids, image_keys, new_long, self.min_tokens)
+                if n > reuse:
+                    best, reuse = entry, n
+            if best is not None:
+                self._entries = [e for e in self._entries if e is not best]
+                self.hits += 1
+            else:
+                self.misses += 1
+                if self.max_entries == 1:
+                    self._entries = []  # free it before the new request's cache grows
+        if best is None:
+            return 0, None
+        best.cache.truncate(reuse)
+        return reuse, best.cache
 
     def keep(self, input_ids: list[int], image_keys: list[str], generated: list[int], cache, long_rope: bool) -> None:
         """Store a finished sequence: its cache holds prompt + generated tokens fed back (the
         last generated token never is)."""
         if not self.enabled or cache is None:
             return
-        if self.max_bytes is not None and cache.nbytes() > self.max_bytes:
-            self.clear()  # neither this one nor an older one: the next request starts cold
+        size = cache.nbytes()
+        if self.max_bytes is not None and size > self.max_bytes:
+            if self.max_entries == 1:
+                self.clear()  # neither this one nor an older one: the next request starts cold
             return
         ids = (list(input_ids) + list(generated))[:cache.length]
-        retained = RetainedConversation(ids, list(image_keys), cache, long_rope)
+        entry = RetainedConversation(ids, list(image_keys), cache, long_rope)
         with self._lock:
-            self.retained = retained
+            self._entries.insert(0, entry)
+            del self._entries[self.max_entries:]
+            if self.max_bytes is not None:
+                total = 0
+                for k, e in enumerate(self._entries):
+                    total += e.cache.nbytes()
+                    if total > self.max_bytes:
+                        del self._entries[k:]
+                        break
 
     def clear(self) -> None:
         with self._lock:
-            self.retained = None
+            self._entries = []

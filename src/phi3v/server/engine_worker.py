@@ -92,13 +92,15 @@ def _exit_process() -> None:
 
 class EngineWorker:
     def __init__(self, model, max_queue: int, *, max_batch: int = MAX_BATCH, kv_budget_bytes: int | None = None,
-                 on_fatal: Callable[[], None] | None = None):
+                 prefill_chunk: int | None = None, on_fatal: Callable[[], None] | None = None):
         """kv_budget_bytes: the KV caches of the rows running together stay under this (each row
-        counted at prompt + max_new_tokens); None = no limit beyond max_batch."""
+        counted at prompt + max_new_tokens); None = no limit beyond max_batch. prefill_chunk: prompt
+        tokens a newcomer prefills per decode step of the others (None: its whole prompt at once)."""
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self.kv_budget_bytes = kv_budget_bytes
+        self.prefill_chunk = prefill_chunk
         self.on_fatal = on_fatal or _exit_process
         self.stats = WorkerStats()
         self._waiting: collections.deque[GenerationJob] = collections.deque()
@@ -186,7 +188,7 @@ class EngineWorker:
             self.on_fatal()
 
     def _serve(self) -> None:
-        loop = self.model.new_loop()
+        loop = self.model.new_loop(prefill_chunk=self.prefill_chunk)
         while True:
             newcomers = self._take_jobs(block=not self._running)
             if newcomers is None:  # stopping
@@ -205,7 +207,7 @@ class EngineWorker:
                     self.stats.engine_errors += 1
                 for job in list(self._running):
                     self._finish(job, "failed", RuntimeError("internal engine error"))
-                loop = self.model.new_loop()
+                loop = self.model.new_loop(prefill_chunk=self.prefill_chunk)
 
     def _take_jobs(self, block: bool) -> list[GenerationJob] | None:
         """Jobs that may join now (first come, first served, within max_batch and the KV

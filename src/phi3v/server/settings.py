@@ -53,6 +53,12 @@ class ServerSettings:
         None, "KV-cache memory in MiB the running requests may take together (each counted at prompt + "
               "max_tokens); the next waits for room", "--kv-budget-mb", bounds=POSITIVE, unit=MIB, metavar="N",
         default_text="no limit beyond --max-batch")
+    prefill_chunk: int | None = setting(
+        128, "prompt tokens a joining request prefills per decode step of the running ones, so a long image "
+             "prompt does not stall their streams", "--prefill-chunk", bounds=POSITIVE, metavar="N")
+    retained_conversations: int = setting(
+        8, "finished conversations whose KV caches are kept (within --retained-kv-mb) for follow-up "
+           "requests that continue them", "--retained-conversations", bounds=POSITIVE, metavar="N")
     max_body_bytes: int = setting(20 * MIB, "largest request body in MiB; larger ones get 413", "--max-body-mb",
                                   bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
     default_num_crops: int | None = setting(
