@@ -19,12 +19,14 @@ from ..server.settings import ServerSettings
 from .arguments import HelpFormatter, model_parent, number, with_default
 from .loading import load_model_from_args
 from .running import missing_extra
+from .serve_ray import add_arguments as add_ray_arguments
 
 LOOPBACK = "127.0.0.1"
 
 EPILOG = """examples:
   phi3v serve --model microsoft/Phi-3.5-vision-instruct            # http://127.0.0.1:8000/
   phi3v serve --model ./my-checkpoint --num-crops 4 --api-key s3cret --max-queue 8
+  phi3v serve --model ./my-checkpoint --ray 10.0.0.5:6379 --replicas 2 --host 0.0.0.0 --api-key s3cret
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "Phi-3.5-vision-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 """
@@ -43,6 +45,7 @@ def register(sub, name: str) -> None:
     add_settings_arguments(g)
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
+    add_ray_arguments(parser)  # --ray, --replicas: replicas on Ray Serve (cli/serve_ray.py)
     parser.set_defaults(func=run)
 
 
@@ -107,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use "
               f"the model", file=sys.stderr)
+    if args.ray is not None or args.replicas is not None:  # replicas on Ray Serve, each loading its own model
+        from .serve_ray import run_on_ray
+
+        return run_on_ray(args, settings)
     print(f"phi3v: loading {args.model} ...", file=sys.stderr)
     model = load_model_from_args(args)  # same loading (dtype "auto", progress rules) as the other commands
     app = create_app(model, settings)
