@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
-import logging
 import os
 import sys
 from dataclasses import fields
@@ -72,7 +71,8 @@ def add_settings_arguments(group) -> None:
                                default=default if unit == 1 else default / unit, metavar=meta["metavar"],
                                help=help)
         else:  # text
-            group.add_argument(meta["flag"], dest=_dest(f), default=default, metavar=meta["metavar"], help=help)
+            group.add_argument(meta["flag"], dest=_dest(f), default=default, metavar=meta["metavar"], help=help,
+                               choices=meta.get("choices"))
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -99,12 +99,15 @@ def served_settings(args: argparse.Namespace) -> ServerSettings:
 def run(args: argparse.Namespace) -> int:
     try:  # before the model loads: a missing extra fails in milliseconds
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
+        import prometheus_client  # noqa: F401 - /metrics
     except ModuleNotFoundError as err:
         raise missing_extra(err, "serve", "server") from None
 
     from ..server import create_app
     from ..server.connections import uvicorn_config
+    from ..server.request_log import configure_logging
+    from ..server.shutdown import DrainingServer
 
     settings = served_settings(args)
     if not _is_loopback(args.host) and settings.api_key is None:
@@ -120,10 +123,14 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"phi3v: serving {model.name} at http://{shown}:{args.port}/  (API: /v1/chat/completions)",
           file=sys.stderr)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # --log-format json: every line one JSON object, uvicorn's too (server/request_log.py).
+    log_options = configure_logging(args.log_level, settings.log_format)
     # Limits and deadlines of connections (server/connections.py): header and keep-alive timeouts,
     # at most --max-connections, bounded header size.
-    server = uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level))
+    # SIGTERM drains first (server/shutdown.py): new requests get 503, those in flight get
+    # --shutdown-timeout-s to finish; then the process exits 0.
+    server = DrainingServer(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           **log_options), app.state.lifecycle)
     server.run()
     return 0 if server.started else 3  # as uvicorn.run: it never started (port in use, ...)
 

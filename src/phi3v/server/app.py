@@ -11,7 +11,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -20,10 +20,13 @@ from .body_deadline import BodyDeadlineMiddleware, BodyTimeout
 from .body_limit import BodyLimitMiddleware, BodyTooLarge
 from .engine_worker import EngineWorker
 from .host_guard import LOOPBACK_NAMES, HostGuardMiddleware, parse_list
+from .metrics import ServerMetrics
+from .observe import ObserverMiddleware
 from .schemas import (CONTENT_PART_TYPES, UNSUPPORTED_PARAMETERS, ChatCompletion, ChatCompletionRequest,
                       ErrorResponse, ModelCard, ModelList)
 from .service import ChatService
 from .settings import ServerSettings, accepted_model_names, served_model_id
+from .shutdown import DrainMiddleware, Lifecycle
 
 log = logging.getLogger("phi3v.server")
 
@@ -42,13 +45,20 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     model.conversation.max_entries = settings.retained_conversations
     service = ChatService(model, settings, worker, model_id, accepted_model_names(model.name, model_id))
     created = int(time.time())
+    # Readiness and the drain on SIGTERM (shutdown.py); metrics and the per-request log line
+    # (metrics.py, request_log.py): the worker reports each generation as it ends.
+    lifecycle = Lifecycle(settings.shutdown_timeout_s, on_timeout=worker.cancel_all)
+    metrics = ServerMetrics(worker, model)
+    worker.on_finish = metrics.observe_generation
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
+        lifecycle.started()
         try:
             yield
         finally:
+            lifecycle.stopped()
             worker.stop()
             service.close()
 
@@ -71,6 +81,11 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     # allowed_hosts None: localhost names only (phi3v serve passes `*` when bound to a public address).
     hosts = LOOPBACK_NAMES if settings.allowed_hosts is None else parse_list(settings.allowed_hosts)
     app.add_middleware(HostGuardMiddleware, allowed_hosts=hosts, allowed_origins=origins)
+    # Outermost: the drain's 503 (before anything else is done for a refused request), then, around
+    # everything, the observer: requests by status and the log line, whoever answered.
+    app.add_middleware(DrainMiddleware, lifecycle=lifecycle)
+    app.add_middleware(ObserverMiddleware, metrics=metrics, log_format=settings.log_format)
+    app.state.lifecycle, app.state.metrics = lifecycle, metrics
 
     # ---- errors: always the OpenAI shape, never a traceback ---------------------------------
     @app.exception_handler(APIError)
@@ -131,10 +146,23 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = worker.alive
-        body = {"status": "ok" if ok else "error", "model": model_id, "auth": settings.api_key is not None,
-                "queue": worker.snapshot()}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        # status "ok" only when ready: 503 while loading or draining tells load balancers to stop
+        # sending (state says which); "error" when the engine worker cannot serve.
+        ok = worker.alive or not lifecycle.ready  # before start and after stop the worker is not alive
+        state = lifecycle.state if ok else "error"
+        ready = ok and lifecycle.ready
+        body = {"status": "ok" if ready else ("error" if not ok else state), "state": state, "model": model_id,
+                "auth": settings.api_key is not None, "queue": worker.snapshot()}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    # Prometheus text format. Metrics show load, never content: open when the server has no key;
+    # with a key they need it too (as /v1 does) unless --public-metrics (docs/server.md).
+    metrics_auth = [Depends(require_key)] if settings.api_key is not None and not settings.public_metrics else []
+
+    @app.get("/metrics", include_in_schema=False, dependencies=metrics_auth)
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     # HEAD /health: the same status without a body (load balancers' checks), kept out of the schema
     # (one operation per path and method there).

@@ -15,7 +15,7 @@ worker fills through `loop.call_soon_threadsafe`:
     ("delta", str)          a piece of generated text (streaming jobs only)
     ("done", Completion)    the generation finished (text, finish_reason, usage, timings)
     ("error", Exception)    this generation failed; the others go on
-    ("cancelled", None)     the job was dropped (client gone, server stopping)
+    ("cancelled", reason)   the job was dropped: reason "client" (gone) or "shutdown" (server stopping)
 
 Supervision: an exception while starting or stepping concerns only the rows it names (the loop
 marks them failed); anything else unexpected fails the running jobs and the worker goes on with a
@@ -34,6 +34,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from .request_log import current_record
 
 log = logging.getLogger("phi3v.server")
 
@@ -57,10 +59,15 @@ class GenerationJob:
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None  # when the worker picked it up (queue wait = started - submitted)
     row: Any = None  # its engine Row while it runs
+    # The log record of the HTTP request that made it (request_log.py), filled when it ends.
+    record: Any = field(default_factory=current_record)
+    cancel_reason: str = "client"  # why it was cancelled: "client" (went away) or "shutdown"
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def cancel(self) -> None:
-        """Ask the worker to drop this job (safe from any thread, idempotent)."""
+    def cancel(self, reason: str = "client") -> None:
+        """Ask the worker to drop this job (safe from any thread, idempotent: the first reason stays)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
         self._cancelled.set()
 
     @property
@@ -102,6 +109,10 @@ class EngineWorker:
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_chunk = prefill_chunk
         self.on_fatal = on_fatal or _exit_process
+        # on_finish(job, outcome, payload): called on the worker thread as each job ends, before its
+        # row is dropped (metrics.py observes tokens and timings there); its errors are only logged.
+        self.on_finish: Callable[[GenerationJob, str, Any], None] | None = None
+        self._kv_now = 0  # KV-cache bytes of the loop's rows, measured by the worker thread
         self.stats = WorkerStats()
         self._waiting: collections.deque[GenerationJob] = collections.deque()
         self._cond = threading.Condition()
@@ -120,9 +131,19 @@ class EngineWorker:
         with self._cond:
             self._stopping = True
             for job in list(self._waiting) + self._running:
-                job.cancel()
+                job.cancel("shutdown")
             self._cond.notify_all()
         self._thread.join(timeout)
+
+    def cancel_all(self, reason: str = "shutdown") -> int:
+        """Cancel every waiting and running job (their requests are told `reason`); the worker
+        goes on. -> how many. Used when a graceful shutdown's time is up (shutdown.py)."""
+        with self._cond:
+            jobs = list(self._waiting) + self._running
+            for job in jobs:
+                job.cancel(reason)
+            self._cond.notify_all()
+        return len(jobs)
 
     @property
     def alive(self) -> bool:
@@ -170,6 +191,7 @@ class EngineWorker:
                 "batches": s.batches,
                 "peak_running": s.peak_running,
                 "engine_errors": s.engine_errors,
+                "kv_bytes": self._kv_now,
             }
 
     # ---- worker thread ------------------------------------------------------------------
@@ -208,6 +230,7 @@ class EngineWorker:
                 for job in list(self._running):
                     self._finish(job, "failed", RuntimeError("internal engine error"))
                 loop = self.model.new_loop(prefill_chunk=self.prefill_chunk)
+            self._measure_kv(loop)  # after every step, and after a failure's fresh loop
 
     def _take_jobs(self, block: bool) -> list[GenerationJob] | None:
         """Jobs that may join now (first come, first served, within max_batch and the KV
@@ -290,7 +313,24 @@ class EngineWorker:
         else:
             self._finish(job, "served", row.completion())
 
+    def _measure_kv(self, loop) -> None:
+        """KV bytes of the running batch and of the prompts being prefilled (read here, on the
+        worker thread: a cache is being rebuilt while rows join, never safe to read from another)."""
+        try:
+            batch = loop.batch.cache
+            total = batch.nbytes() if batch is not None else 0
+            total += sum(r.cache.nbytes() for r in loop.waiting if r.cache is not None)
+        except Exception:  # noqa: BLE001 - a measurement never stops serving
+            log.debug("measuring the KV cache failed", exc_info=True)
+            return
+        self._kv_now = total
+
     def _finish(self, job: GenerationJob, outcome: str, payload: Any = None) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(job, outcome, payload)
+            except Exception:  # noqa: BLE001 - observing never fails a request
+                log.exception("observing a finished generation failed")
         with self._cond:
             self._running = [j for j in self._running if j is not job]
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
@@ -302,7 +342,7 @@ class EngineWorker:
         elif outcome == "failed":
             job.emit("error", payload)
         else:
-            job.emit("cancelled", None)
+            job.emit("cancelled", job.cancel_reason)
 
     def _count(self, outcome: str) -> None:
         setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)

@@ -233,6 +233,8 @@ class ChatService:
                 if kind == "error":
                     raise internal_error()
                 if kind == "cancelled":
+                    if payload == "shutdown":  # the server stops (shutdown.py): the client may retry
+                        raise _shutting_down()
                     raise APIError(499, "The client closed the request.", code="client_closed_request")
         finally:
             watcher.cancel()
@@ -274,7 +276,10 @@ class ChatService:
                     elif kind == "error":
                         yield _sse(internal_error().body())
                         break
-                    else:  # cancelled
+                    elif payload == "shutdown":  # cancelled: the server stops (shutdown.py); say so
+                        yield _sse(_shutting_down().body())
+                        break
+                    else:  # cancelled: the client went away
                         return
                 yield "data: [DONE]\n\n"
             finally:
@@ -320,6 +325,11 @@ async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
 def _too_busy(full: QueueFullError) -> APIError:
     return APIError(429, f"The server is busy: the request queue is full. Retry after {full.retry_after_s} s.",
                     type="rate_limit_error", code="queue_full", headers={"Retry-After": str(full.retry_after_s)})
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; this request was cancelled. Retry it.", type="server_error",
+                    code="server_shutting_down", headers={"Retry-After": "1"})
 
 
 def _image_tokens(prepared) -> int:

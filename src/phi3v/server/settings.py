@@ -16,17 +16,19 @@ from ..options import ANY, OPTION_BY_NAME, Bounds
 
 
 def setting(default, help: str, flag: str, *, bounds: Bounds = ANY, unit: int = 1, metavar: str | None = None,
-            env: str | None = None, default_text: str | None = None, model_option: bool = False):
+            env: str | None = None, default_text: str | None = None, model_option: bool = False,
+            choices: tuple[str, ...] | None = None):
     """A ServerSettings field and how `phi3v serve` offers it.
 
     flag: the CLI flag. bounds: the allowed values of the field. unit: the flag counts in units
     of this many (--max-body-mb: 2**20 bytes). env: an environment variable that gives the flag's
     default. default_text: the default in words. model_option: the flag is one of the model
-    options every model command has (--num-crops), not added again by serve.
+    options every model command has (--num-crops), not added again by serve. choices: the
+    values a text setting may take.
     """
     return field(default=default, metadata={
         "help": help, "flag": flag, "bounds": bounds, "unit": unit, "metavar": metavar, "env": env,
-        "default_text": default_text, "model_option": model_option,
+        "default_text": default_text, "model_option": model_option, "choices": choices,
     })
 
 
@@ -126,9 +128,23 @@ class ServerSettings:
     max_connections: int = setting(256, "open connections and requests in progress; more get 503",
                                    "--max-connections", bounds=POSITIVE, metavar="N")
 
+    # ---- observability and shutdown (issue 12): server/metrics.py, request_log.py, shutdown.py ----
+    log_format: str = setting("text", "the server's log lines (one per request, with its tokens and timings): "
+                                      "text, or one JSON object per line", "--log-format", metavar="FORMAT",
+                              choices=("text", "json"), default_text="text")
+    public_metrics: bool = setting(
+        False, "serve /metrics without the API key when --api-key is set (metrics show load and timings, "
+               "never content; by default they need the key, as /v1 does)", "--public-metrics", default_text="off")
+    shutdown_timeout_s: float = setting(
+        30.0, "on SIGTERM, seconds the requests in flight get to finish (new ones get 503); then they are "
+              "cancelled", "--shutdown-timeout-s", bounds=Bounds(0), metavar="S")
+
     def __post_init__(self):
         for f in fields(self):
             value, bounds = getattr(self, f.name), f.metadata["bounds"]
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise Phi3VError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
             if value is not None and bounds is not ANY and not bounds.contains(value):
                 raise Phi3VError(f"{f.name} must be {bounds.describe(isinstance(value, int))}, got {value}")
 
