@@ -122,6 +122,8 @@ def test_metrics_counters_and_histograms_move_as_requests_are_served(server):
     assert value(after, "phi3v_retained_kv_bytes") > 0  # the last conversation is kept for a follow-up
     assert value(after, "phi3v_batch_running") == 0 and value(after, "phi3v_queue_waiting") == 0
     assert value(after, "phi3v_batch_capacity") == 8 and value(after, "phi3v_queue_capacity") == 16
+    assert value(after, "phi3v_state", state="ready") == 1 and value(after, "phi3v_state", state="draining") == 0
+    assert value(after, "phi3v_requests_in_flight") == 0
     # A path nobody serves is counted under one label, not one series per URL.
     httpx.get(server.base_url + "/no/such/path/123", timeout=10)
     assert value(scrape(server), "phi3v_requests_total", endpoint="other", status="404") >= 1

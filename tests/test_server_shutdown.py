@@ -107,7 +107,9 @@ def test_drain_finishes_the_stream_in_flight_and_refuses_new_requests(tiny_model
         err = refused.json()["error"]
         assert err["code"] == "server_shutting_down" and err["type"] == "server_error"
         assert int(refused.headers["retry-after"]) >= 1 and refused.headers["connection"] == "close"
-        assert httpx.get(srv.base_url + "/metrics", timeout=10).status_code == 200  # still scraped
+        scraped = httpx.get(srv.base_url + "/metrics", timeout=10)  # still scraped, and shows the drain
+        assert scraped.status_code == 200 and 'phi3v_state{state="draining"} 1.0' in scraped.text
+        assert "phi3v_requests_in_flight 1.0" in scraped.text
         events = stream.result()
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
         srv.thread.join(20)

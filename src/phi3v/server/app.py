@@ -48,7 +48,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     # Readiness and the drain on SIGTERM (shutdown.py); metrics and the per-request log line
     # (metrics.py, request_log.py): the worker reports each generation as it ends.
     lifecycle = Lifecycle(settings.shutdown_timeout_s, on_timeout=worker.cancel_all)
-    metrics = ServerMetrics(worker, model)
+    metrics = ServerMetrics(worker, model, lifecycle)
     worker.on_finish = metrics.observe_generation
 
     @asynccontextmanager

@@ -7,13 +7,16 @@ Two kinds of metric:
 - events, counted as they happen: HTTP requests by endpoint and status code (ObserverMiddleware),
   and per generation (engine worker thread, `observe_generation`): tokens (prompt, image,
   completion), outcome, time to first token, inter-token latency, queue wait;
-- state, read at scrape time (`EngineCollector`): queue depth, running batch size, the running
-  batch's KV-cache bytes, the image caches (bytes, hits, misses), the retained conversations' KV
-  bytes. Reading them when scraped costs nothing between scrapes and is never stale.
+- state, read at scrape time (`EngineCollector`): readiness and requests in flight, queue depth,
+  running batch size, the running batch's KV-cache bytes, the image caches (bytes, hits, misses),
+  the retained conversations' KV bytes. Reading them when scraped costs nothing between scrapes
+  and is never stale.
 
-Time to first token here is what a client waits for, less preparation: the queue wait plus
-the engine's first_token_s (vision tower, prefill and the first step). Inter-token latency is
-one observation per request, its mean: decode_s / (completion_tokens - 1).
+Time to first token is the queue wait plus the engine's first_token_s, which counts from the
+start of the prompt's preparation (image decoding and tokenizing) through the vision tower,
+prefill and the first step; what it leaves out is receiving the body and waiting for a
+preparation thread. Inter-token latency is one observation per request, its mean:
+decode_s / (completion_tokens - 1).
 
 Metrics show load (how many requests, how long, how many tokens), never content; see
 docs/server.md for who may read them (settings.public_metrics).
@@ -50,7 +53,7 @@ def endpoint_label(path: str) -> str:
 
 
 class ServerMetrics:
-    def __init__(self, worker, model):
+    def __init__(self, worker, model, lifecycle=None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("phi3v_requests", "HTTP requests answered, by endpoint and status code "
@@ -70,7 +73,7 @@ class ServerMetrics:
                                      "a request (requests of 2 tokens or more)", buckets=ITL_BUCKETS, registry=r)
         self.queue_wait = Histogram("phi3v_queue_wait_seconds", "time a request waited for a place in the "
                                     "running batch", buckets=QUEUE_BUCKETS, registry=r)
-        r.register(EngineCollector(worker, model))
+        r.register(EngineCollector(worker, model, lifecycle))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -114,14 +117,21 @@ class ServerMetrics:
 class EngineCollector:
     """The engine's state, read when /metrics is scraped."""
 
-    def __init__(self, worker, model):
-        self.worker, self.model = worker, model
+    def __init__(self, worker, model, lifecycle=None):
+        self.worker, self.model, self.lifecycle = worker, model, lifecycle
 
     def describe(self):
         return []  # the families are made at collect time
 
     def collect(self):
         snap = self.worker.snapshot()
+        if self.lifecycle is not None:  # readiness (shutdown.py): a drain shows as state "draining"
+            state = GaugeMetricFamily("phi3v_state", "1 for the server's current state", labels=["state"])
+            for name in ("loading", "ready", "draining", "stopped"):
+                state.add_metric([name], 1.0 if self.lifecycle.state == name else 0.0)
+            yield state
+            yield _gauge("phi3v_requests_in_flight", "HTTP requests being served (probes and scrapes not "
+                         "counted)", self.lifecycle.in_flight)
         yield _gauge("phi3v_queue_waiting", "requests waiting for a place in the running batch", snap["waiting"])
         yield _gauge("phi3v_queue_capacity", "requests that may wait (--max-queue)", snap["max_queue"])
         yield _gauge("phi3v_batch_running", "requests in the running batch (prefilling or decoding)",
