@@ -128,7 +128,8 @@ def _img():
 
 
 def test_drain_timeout_cancels_what_is_left(tiny_model):
-    settings = ServerSettings(default_num_crops=1, shutdown_timeout_s=0.5)
+    # max_batch 1: the stream runs, the other request waits in the queue; both are cancelled.
+    settings = ServerSettings(default_num_crops=1, shutdown_timeout_s=0.5, max_batch=1)
     srv = draining(RunningServer(SlowSteps(tiny_model, 0.05), settings))
     with srv:
         model_id = srv.health()["model"]
@@ -138,7 +139,7 @@ def test_drain_timeout_cancels_what_is_left(tiny_model):
             srv.base_url + "/v1/chat/completions", json=request(model_id, "Long?", max_tokens=2000), timeout=60)))
         waiter.start()
         assert stream.first.wait(30)
-        wait_for(lambda: srv.worker.snapshot()["running"] == 2, what="both requests running")
+        wait_for(lambda: srv.worker.snapshot()["waiting"] == 1, what="the second request waiting")
         t0 = time.monotonic()
         srv.server.should_exit = True
         events = stream.result()
@@ -147,6 +148,8 @@ def test_drain_timeout_cancels_what_is_left(tiny_model):
         srv.thread.join(20)
         assert not srv.thread.is_alive()
     # The stream says why it ended (an OpenAI error event), then [DONE]; the waiting client gets a 503.
+    metrics = srv.app.state.metrics.render()[0].decode()
+    assert 'phi3v_generations_total{finish_reason="cancelled"} 2.0' in metrics
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
     assert plain["r"].status_code == 503 and plain["r"].json()["error"]["code"] == "server_shutting_down"
 

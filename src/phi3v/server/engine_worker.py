@@ -247,7 +247,8 @@ class EngineWorker:
                 if job.cancelled:
                     self._waiting.popleft()
                     self._count("cancelled")
-                    job.emit("cancelled", None)
+                    self._observe(job, "cancelled", None)
+                    job.emit("cancelled", job.cancel_reason)
                     continue
                 need = self._kv_bytes(job)
                 if self.kv_budget_bytes and (self._running or taken) and kv_used + need > self.kv_budget_bytes:
@@ -325,12 +326,15 @@ class EngineWorker:
             return
         self._kv_now = total
 
-    def _finish(self, job: GenerationJob, outcome: str, payload: Any = None) -> None:
+    def _observe(self, job: GenerationJob, outcome: str, payload: Any) -> None:
         if self.on_finish is not None:
             try:
                 self.on_finish(job, outcome, payload)
             except Exception:  # noqa: BLE001 - observing never fails a request
                 log.exception("observing a finished generation failed")
+
+    def _finish(self, job: GenerationJob, outcome: str, payload: Any = None) -> None:
+        self._observe(job, outcome, payload)
         with self._cond:
             self._running = [j for j in self._running if j is not job]
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
