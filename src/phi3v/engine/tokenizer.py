@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import threading
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -100,7 +101,8 @@ class Tokenizer:
         added = sorted(hf_tokenizer.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
         self._added = {t.content: t for t in added}
         self._added_re = re.compile("|".join(re.escape(t.content) for t in added)) if added else None
-        self._plain = _plain_tokenizer(hf_tokenizer)
+        self._plain: _HFTokenizer | None = None  # made on first use: the copy takes ~0.2 s of every load otherwise
+        self._plain_lock = threading.Lock()
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -135,6 +137,13 @@ class Tokenizer:
         if not plain_spans or self._added_re is None:
             return self._tok.encode(text, add_special_tokens=True).ids
         return [self.bos_id, *self._encode_segments(self._segments(text, plain_spans))]
+
+    def _plain_tokenizer(self) -> _HFTokenizer:
+        if self._plain is None:
+            with self._plain_lock:  # the server's preparation threads may get here together
+                if self._plain is None:
+                    self._plain = _plain_tokenizer(self._tok)
+        return self._plain
 
     def _segments(self, text: str, plain_spans: Sequence[tuple[int, int]]) -> list:
         """`text` split the way `tokenizers` splits it before normalizing: added tokens (outside the
@@ -173,7 +182,7 @@ class Tokenizer:
             if item is not None and item.lstrip:
                 segment = _TRAILING_WS.sub("", segment)
             if segment:
-                ids.extend(self._plain.encode(segment, add_special_tokens=False).ids)
+                ids.extend(self._plain_tokenizer().encode(segment, add_special_tokens=False).ids)
             if item is not None:
                 ids.append(self._tok.token_to_id(item.content))
                 strip_next = item.rstrip
