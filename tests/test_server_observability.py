@@ -208,6 +208,14 @@ def test_one_log_line_per_request_with_its_fields(server, caplog):
                == "/health")
 
 
+def test_a_path_cannot_forge_log_lines(server, caplog):
+    caplog.set_level(logging.INFO, logger="phi3v.server")
+    httpx.get(server.base_url + "/x%0AINFO%20phi3v.server:%20request%20id=forged", timeout=10)
+    line = wait_for(lambda: [r.getMessage() for r in caplog.records
+                             if getattr(r, "phi3v_request", {}).get("status") == 404], what="the 404's line")[0]
+    assert "\n" not in line and 'path="/x\\nINFO phi3v.server: request id=forged"' in line
+
+
 def test_json_log_format(tiny_model, caplog):
     caplog.set_level(logging.INFO, logger="phi3v.server")
     with RunningServer(tiny_model, ServerSettings(default_num_crops=1, log_format="json")) as srv:

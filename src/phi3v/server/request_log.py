@@ -35,6 +35,7 @@ QUIET_PATHS = frozenset({"/health", "/metrics"})
 # A client's own X-Request-ID is kept when it is a plain token (so it can be grepped, and cannot
 # forge log lines); anything else gets an id of ours.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_PATH_CHARS = 256  # a path is the client's text: kept short in the log
 
 
 @dataclass(eq=False)
@@ -66,7 +67,7 @@ def begin_request(method: str, path: str, client_id: str | None) -> tuple[Reques
     """A record for a new request, made current for the tasks it starts (contexts are copied,
     the record is shared: what the engine writes into it is seen by the middleware)."""
     rid = client_id if client_id and _CLIENT_ID.fullmatch(client_id) else "req-" + uuid.uuid4().hex[:16]
-    record = RequestRecord(rid, method, path)
+    record = RequestRecord(rid, method[:16], path[:MAX_PATH_CHARS])
     return record, _CURRENT.set(record)
 
 
@@ -101,7 +102,14 @@ def log_request(record: RequestRecord, log_format: str) -> None:
 def _text_value(v) -> str:
     if v is None:
         return "-"
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    v = str(v)
+    # A path is decoded client text: quoted and escaped when it holds spaces, quotes, `=` or
+    # control characters (a %0A must not start a forged log line).
+    if not v or not v.isprintable() or any(c in v for c in ' "=\\'):
+        return json.dumps(v)
+    return v
 
 
 class JsonFormatter(logging.Formatter):
