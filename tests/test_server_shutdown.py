@@ -96,7 +96,7 @@ def test_drain_finishes_the_stream_in_flight_and_refuses_new_requests(tiny_model
     srv = draining(RunningServer(SlowSteps(tiny_model, 0.05), ServerSettings(default_num_crops=1)))
     with srv:
         model_id = srv.health()["model"]
-        stream = Stream(srv.base_url, request(model_id, max_tokens=30))
+        stream = Stream(srv.base_url, request(model_id, max_tokens=60))  # 3 s at 50 ms a step
         assert stream.first.wait(30)
         srv.server.should_exit = True  # what uvicorn's SIGTERM handler does
         health = wait_for(lambda: (r := httpx.get(srv.base_url + "/health", timeout=10)).status_code == 503 and r,
@@ -118,7 +118,7 @@ def test_drain_finishes_the_stream_in_flight_and_refuses_new_requests(tiny_model
         httpx.get(srv.base_url + "/health", timeout=2)
     assert Stream.text(events) == tiny_model.chat(
         [{"role": "user", "content": [{"type": "image", "image": _img()}, {"type": "text", "text": "What is this?"}]}],
-        max_new_tokens=30, num_crops=1).text  # the whole answer, undisturbed
+        max_new_tokens=60, num_crops=1).text  # the whole answer, undisturbed
 
 
 def _img():
@@ -137,8 +137,8 @@ def test_drain_timeout_cancels_what_is_left(tiny_model):
         plain = {}
         waiter = threading.Thread(target=lambda: plain.update(r=httpx.post(
             srv.base_url + "/v1/chat/completions", json=request(model_id, "Long?", max_tokens=2000), timeout=60)))
-        waiter.start()
-        assert stream.first.wait(30)
+        assert stream.first.wait(30)  # the stream holds the one place in the batch...
+        waiter.start()  # ...so this one waits in the queue
         wait_for(lambda: srv.worker.snapshot()["waiting"] == 1, what="the second request waiting")
         t0 = time.monotonic()
         srv.server.should_exit = True
