@@ -236,3 +236,15 @@ def test_json_log_format(tiny_model, caplog):
 def test_log_format_is_checked():
     with pytest.raises(Phi3VError, match="log_format"):
         ServerSettings(log_format="xml")
+
+
+def test_serve_flags(capsys):
+    from phi3v.cli.main import build_parser
+    from phi3v.cli.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--log-format", "json", "--public-metrics", "--shutdown-timeout-s", "5"])
+    settings = settings_from_args(args)
+    assert (settings.log_format, settings.public_metrics, settings.shutdown_timeout_s) == ("json", True, 5.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-format", "xml"])
+    assert "invalid choice: 'xml'" in capsys.readouterr().err
