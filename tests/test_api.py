@@ -259,3 +259,14 @@ def test_character_cut_by_max_tokens_is_dropped_not_garbled(tiny_model):
     cut = TextAssembler(tok, tiny_model.stop_ids, ())
     text = "".join(cut.push(t) for t in hello + euro[:2]) + cut.flush()
     assert text == "Hello" and cut.finish_reason == "length"
+
+
+def test_one_image_given_alone_is_one_image(tiny_model, tmp_path):
+    """images="photo.png" (a single path, not a list) means that one image, not its characters."""
+    from PIL import Image
+
+    path = tmp_path / "one.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    alone = tiny_model.ask("What?", images=str(path), max_new_tokens=3)
+    listed = tiny_model.ask("What?", images=[str(path)], max_new_tokens=3)
+    assert alone.usage.image_tokens == listed.usage.image_tokens > 0 and alone.text == listed.text

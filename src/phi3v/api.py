@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from .engine import chat_template as chat_format
 from .engine.config import Phi3VConfig
 from .errors import Phi3VError, PromptTooLongError, TooManyImagesError
+from .engine.constraints import Grammars, OutputFormat, parse_output
 from .engine.generate import DecodeLoop, Row
 from .engine.image_features import ImageFeatures
 from .engine.image import ImageSourcePolicy, open_images
@@ -46,6 +48,7 @@ class Phi3V:
         # Caches (see clear_caches): pixels and features by image content, the last conversation's KV.
         self.images = ImageFeatures(module, cfg.preprocessor, image_cache_mb, low_memory)
         self.conversation = ConversationCache(cfg.text, prefix_cache, self.prefix_min_tokens)
+        self._grammars: Grammars | None = None
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -91,27 +94,36 @@ class Phi3V:
         return self.config.preprocessor.num_crops
 
     # -- high level -----------------------------------------------------------------------------
+    # Structured output (ask, chat, stream): json_schema= a dict, a JSON string, a pydantic model class
+    # (then reply.parsed is its instance) or "json_object" (any JSON object); regex= a pattern;
+    # choices= a list of strings. The answer follows it token by token (engine/constraints.py).
     def ask(self, prompt: str, images: Sequence[Any] = (), *, system: str | None = None,
-            image_policy: ImageSourcePolicy | None = None, **options) -> Completion:
+            image_policy: ImageSourcePolicy | None = None, json_schema: Any = None, regex: str | None = None,
+            choices: Sequence[str] | None = None, **options) -> Completion:
         opts = GenerationOptions.from_kwargs(**options)
-        prepared = self.prepare(prompt=prompt, images=images, system=system, num_crops=opts.num_crops,
+        fmt = OutputFormat.from_options(json_schema, regex, choices)
+        prepared = self.prepare(prompt=prompt, images=_image_list(images), system=system, num_crops=opts.num_crops,
                                 image_policy=image_policy)
-        return self.generate(prepared, opts)
+        return self.generate(prepared, opts, output_format=fmt, parse_as=_model_class(json_schema))
 
-    def chat(self, messages: list[dict], *, image_policy: ImageSourcePolicy | None = None, **options) -> Completion:
+    def chat(self, messages: list[dict], *, image_policy: ImageSourcePolicy | None = None, json_schema: Any = None,
+             regex: str | None = None, choices: Sequence[str] | None = None, **options) -> Completion:
         opts = GenerationOptions.from_kwargs(**options)
+        fmt = OutputFormat.from_options(json_schema, regex, choices)
         prepared = self.prepare(messages=messages, num_crops=opts.num_crops, image_policy=image_policy)
-        return self.generate(prepared, opts)
+        return self.generate(prepared, opts, output_format=fmt, parse_as=_model_class(json_schema))
 
     def stream(self, prompt_or_messages: str | list, images: Sequence[Any] = (), *, system: str | None = None,
-               image_policy: ImageSourcePolicy | None = None, **options) -> TextStream:
+               image_policy: ImageSourcePolicy | None = None, json_schema: Any = None, regex: str | None = None,
+               choices: Sequence[str] | None = None, **options) -> TextStream:
         opts = GenerationOptions.from_kwargs(**options)
+        fmt = OutputFormat.from_options(json_schema, regex, choices)
         if isinstance(prompt_or_messages, list):
             prepared = self.prepare(messages=prompt_or_messages, num_crops=opts.num_crops, image_policy=image_policy)
         else:
-            prepared = self.prepare(prompt=prompt_or_messages, images=images, system=system,
+            prepared = self.prepare(prompt=prompt_or_messages, images=_image_list(images), system=system,
                                     num_crops=opts.num_crops, image_policy=image_policy)
-        return self.generate_stream(prepared, opts)
+        return self.generate_stream(prepared, opts, output_format=fmt, parse_as=_model_class(json_schema))
 
     # -- lower level ----------------------------------------------------------------------------
     def prepare(self, messages: list[dict] | None = None, prompt: str | None = None, images: Sequence[Any] = (),
@@ -172,31 +184,44 @@ class Phi3V:
                 f"the prompt is {n} tokens{hint}{asked}, the model's context is {self.context_length} tokens",
                 prompt_tokens=n, image_tokens=img, limit=self.context_length)
 
-    def generate(self, prepared: PreparedPrompt, options: GenerationOptions | None = None) -> Completion:
-        stream = self.generate_stream(prepared, options)
+    def generate(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
+                 output_format: OutputFormat | None = None, parse_as: type | None = None) -> Completion:
+        stream = self.generate_stream(prepared, options, output_format=output_format, parse_as=parse_as)
         for _ in stream:
             pass
         return stream.completion
 
-    def generate_stream(self, prepared: PreparedPrompt, options: GenerationOptions | None = None) -> TextStream:
+    def generate_stream(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
+                        output_format: OutputFormat | None = None, parse_as: type | None = None) -> TextStream:
         options = self._fit(prepared, options or GenerationOptions())
         self.check_fits(prepared)
-        return TextStream(self.new_loop(), lambda: self.start_row(prepared, options, reuse_conversation=True),
-                          lambda row: self.end_row(prepared, row), self._not_started(prepared))
+        if output_format is not None:
+            self.grammars.check(output_format)  # an unusable schema fails here, before any work
+
+        def make_row() -> Row:
+            return self.start_row(prepared, options, reuse_conversation=True, output_format=output_format,
+                                  parse_as=parse_as)
+
+        return TextStream(self.new_loop(), make_row, lambda row: self.end_row(prepared, row),
+                          self._not_started(prepared))
 
     def generate_batch(self, prepared: Sequence[PreparedPrompt],
-                       options: GenerationOptions | Sequence[GenerationOptions] | None = None) -> list[Completion]:
+                       options: GenerationOptions | Sequence[GenerationOptions] | None = None, *,
+                       output_formats: Sequence[OutputFormat | None] | None = None) -> list[Completion]:
         """Generate for several prompts at once (one batched decoder pass per step) -> one
         Completion per prompt, in order. `options` is shared or one per prompt. Greedy results
         equal running each prompt alone (up to float rounding of the batched matmuls)."""
-        stream = self.generate_batch_stream(prepared, options)
+        stream = self.generate_batch_stream(prepared, options, output_formats=output_formats)
         for _ in stream:
             pass
         return list(stream.completions)
 
     def generate_batch_stream(self, prepared: Sequence[PreparedPrompt],
-                              options: GenerationOptions | Sequence[GenerationOptions] | None = None) -> BatchStream:
-        """Like generate_batch, as an iterator of (index, text delta); `.completions` at the end."""
+                              options: GenerationOptions | Sequence[GenerationOptions] | None = None, *,
+                              output_formats: Sequence[OutputFormat | None] | None = None) -> BatchStream:
+        """Like generate_batch, as an iterator of (index, text delta); `.completions` at the end.
+        output_formats: one per prompt (None = unconstrained): rows with different constraints,
+        or none, decode together."""
         prepared = list(prepared)
         if not prepared:
             raise Phi3VError("generate_batch needs at least one prepared prompt")
@@ -209,14 +234,23 @@ class Phi3V:
         for p in prepared:
             self.check_fits(p)
         opts = [self._fit(p, o) for p, o in zip(prepared, opts)]
+        formats = list(output_formats) if output_formats is not None else [None] * len(prepared)
+        if len(formats) != len(prepared):
+            raise Phi3VError(f"{len(formats)} output formats given for {len(prepared)} prompts")
+        for fmt in formats:
+            if fmt is not None:
+                self.grammars.check(fmt)
         started = [time.perf_counter() - p.preprocess_s for p in prepared]
 
         def make_rows() -> list[Row]:  # on the first next(): every prompt's images in one vision batch
             t0 = time.perf_counter()
             feats = self.images.for_prompts(prepared)
             rows = [self._row(p, o, f, t) for p, o, f, t in zip(prepared, opts, feats, started)]
-            for row in rows:
+            for row, fmt in zip(rows, formats):
                 row.timings.vision_s = time.perf_counter() - t0  # shared by the batch
+                if fmt is not None:
+                    row.constraint = self.grammars.start(fmt)
+                    row.parse = partial(parse_output, fmt, None)
             return rows
 
         return BatchStream(self.new_loop(), make_rows, [self._not_started(p) for p in prepared])
@@ -227,7 +261,8 @@ class Phi3V:
         return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook, prefill_chunk)
 
     def start_row(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
-                  reuse_conversation: bool = False) -> Row:
+                  reuse_conversation: bool = False, output_format: OutputFormat | None = None,
+                  parse_as: type | None = None) -> Row:
         """A Row ready to add to a new_loop() loop: options fitted to the context, image features
         computed (through the caches; this is the vision tower's time), text assembly with the stop
         rules. reuse_conversation: start from the retained conversation's KV prefix when it
@@ -238,10 +273,20 @@ class Phi3V:
         t0 = time.perf_counter()
         row.image_embeds = self.images.for_prompts([prepared])[0]
         row.timings.vision_s = time.perf_counter() - t0
+        if output_format is not None:
+            row.constraint = self.grammars.start(output_format)
+            row.parse = partial(parse_output, output_format, parse_as)
         if reuse_conversation:
             row.reuse_prefix, row.cache = self.conversation.take(prepared.input_ids, prepared.image_keys or [])
             row.retain = self.conversation.enabled
         return row
+
+    @property
+    def grammars(self) -> Grammars:
+        """Output formats compiled against this model's tokenizer (made on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.config.text.vocab_size)
+        return self._grammars
 
     def end_row(self, prepared: PreparedPrompt, row: Row) -> None:
         """After a start_row(reuse_conversation=True) row is done: retain its KV cache (if kept)."""
@@ -312,3 +357,18 @@ class Phi3V:
 
     def _encode_images(self, pixel_values, image_sizes) -> list[torch.Tensor]:
         return self.images.encode(pixel_values, image_sizes)
+
+
+def _model_class(json_schema: Any) -> type | None:
+    """A pydantic model class given as json_schema (reply.parsed becomes its instance)."""
+    return json_schema if isinstance(json_schema, type) and hasattr(json_schema, "model_validate") else None
+
+
+def _image_list(images: Any) -> list:
+    """`images` as a list: one image given on its own (a path, bytes, PIL image) is one image,
+    not a sequence of characters or bytes."""
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Completion:
     usage: Usage
     timings: Timings
     token_ids: list[int] = field(default_factory=list)  # generated ids, a final stop token included
+    # With an output constraint: the answer as data (json_schema: the parsed JSON, or the pydantic
+    # model's instance; regex/choices: the text); None when it ended before the structure did.
+    parsed: Any = None
 
     def to_dict(self) -> dict:
         return {
@@ -62,4 +66,9 @@ class Completion:
             "finish_reason": self.finish_reason,
             "usage": self.usage.to_dict(),
             "timings": self.timings.to_dict(),
+            **({"parsed": _jsonable(self.parsed)} if self.parsed is not None else {}),
         }
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump() if hasattr(value, "model_dump") else value

@@ -24,14 +24,16 @@ running it alone up to float rounding of the batched products.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..options import GenerationOptions
 from ..results import Completion, Timings, Usage
 from .decoder import KVCache, build_attention_mask
+from .constraints import ConstraintState
 from .model import Phi3VForCausalLM
 from .running_batch import RunningBatch
 from .sampling import Sampler
@@ -57,6 +59,8 @@ class Row:
     image_embeds: list[torch.Tensor]  # image k's features (T_k, hidden) at index k-1
     options: GenerationOptions  # max_new_tokens already fitted to the context
     text: TextAssembler | None = None  # None: token ids only (no detokenization, no stop strings)
+    constraint: ConstraintState | None = None  # structured output: only tokens its grammar allows
+    parse: Callable[[str], Any] | None = None  # the finished text -> Completion.parsed
     cache: KVCache | None = None  # a one-row cache whose first `reuse_prefix` slots hold this prompt's prefix
     reuse_prefix: int = 0
     retain: bool = False  # keep the row's KV cache in `kv` when it ends (a follow-up may reuse it)
@@ -89,7 +93,14 @@ class Row:
         usage = Usage(prompt_tokens=ids.numel(), image_tokens=int((ids < 0).sum()),
                       completion_tokens=len(self.generated))
         text = self.text.text if self.text is not None else ""
-        return Completion(text, self.finish_reason or "cancelled", usage, self.timings, list(self.generated))
+        parsed = None
+        if self.parse is not None and self.finish_reason == "stop":
+            try:
+                parsed = self.parse(text)
+            except ValueError:  # a stop string cut the structure short: no data, the text stays
+                parsed = None
+        return Completion(text, self.finish_reason or "cancelled", usage, self.timings, list(self.generated),
+                          parsed)
 
 
 class DecodeLoop:
@@ -208,7 +219,13 @@ class DecodeLoop:
             if self.logits_hook is not None:
                 self.logits_hook(row, len(row.generated), self._logits[j])
             try:
-                token = row._sampler(self._logits[j], seen)
+                logits = self._logits[j]
+                if row.constraint is not None:  # structured output: the grammar's tokens only
+                    allowed = row.constraint.allowed().to(logits.device)
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                token = row._sampler(logits, seen)
+                if row.constraint is not None:
+                    row.constraint.advance(token)
                 delta = row.text.push(token) if row.text is not None else ""
             except Exception as err:  # noqa: BLE001 - one row's sampling or text never ends the others
                 row.finish_reason, row.error, row.retain = "error", err, False
@@ -220,7 +237,8 @@ class DecodeLoop:
             if row._first_token_at is None:
                 row._first_token_at = now
                 row.timings.first_token_s = now - row.started
-            if token in self.stop_ids or (row.text is not None and row.text.finish_reason == "stop"):
+            if token in self.stop_ids or (row.text is not None and row.text.finish_reason == "stop") \
+                    or (row.constraint is not None and row.constraint.finished):
                 row.finish_reason = "stop"
             elif len(row.generated) >= opts.max_new_tokens:
                 if row.text is not None:

@@ -126,6 +126,10 @@ class Tokenizer:
         return cls.from_file(path)
 
     # --- encoding --------------------------------------------------------------------------------
+    def hf_json(self) -> str:
+        """The tokenizer as tokenizer.json text (for libraries that build their own token tables)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
         """Ids of `text` with the leading BOS, reference rules (added tokens in the text are honoured).
 
