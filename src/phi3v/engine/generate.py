@@ -167,7 +167,8 @@ class DecodeLoop:
         try:
             if len(crossing) == len(self.running):
                 self.batch.advance()  # every row is re-prefilled below: skip the shared step
-                logits = torch.empty(len(self.running), text_cfg.vocab_size)
+                logits = torch.empty(len(self.running), text_cfg.vocab_size,
+                                     device=self.model.lm_head.weight.device)
             else:
                 logits = self.batch.step([r._pending for r in self.running])
             for j in crossing:
