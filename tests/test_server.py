@@ -261,7 +261,6 @@ def test_prompt_alone_longer_than_context_is_400(model_id, tiny_model_dir):
     ({"logprobs": True}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_parameters_are_400(client, model_id, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:

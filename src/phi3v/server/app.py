@@ -22,8 +22,8 @@ from .engine_worker import EngineWorker
 from .host_guard import LOOPBACK_NAMES, HostGuardMiddleware, parse_list
 from .metrics import ServerMetrics
 from .observe import ObserverMiddleware
-from .schemas import (CONTENT_PART_TYPES, UNSUPPORTED_PARAMETERS, ChatCompletion, ChatCompletionRequest,
-                      ErrorResponse, ModelCard, ModelList)
+from .schemas import (CONTENT_PART_TYPES, RESPONSE_FORMAT_TYPES, UNSUPPORTED_PARAMETERS, ChatCompletion,
+                      ChatCompletionRequest, ErrorResponse, ModelCard, ModelList)
 from .service import ChatService
 from .settings import ServerSettings, accepted_model_names, served_model_id
 from .shutdown import DrainMiddleware, Lifecycle
@@ -215,8 +215,9 @@ def _param_path(loc) -> list[str]:
     """A pydantic error location as the request's own path.
 
     pydantic names the union alternative it tried inside the location ("function-after[...]",
-    "list[...]") and, for content parts, the part's type tag right after its index
-    (messages.0.content.list[...].1.text.text); neither is in the request.
+    "list[...]") and, for content parts and response_format, the type tag right after the value
+    (messages.0.content.list[...].1.text.text, response_format.json_schema.json_schema.name);
+    neither is in the request.
     """
     out: list[str] = []
     for i, part in enumerate(loc):
@@ -227,5 +228,8 @@ def _param_path(loc) -> list[str]:
         if isinstance(part, str) and part in CONTENT_PART_TYPES and out and out[-1].isdigit() \
                 and i + 1 < len(loc) and "content" in out:
             continue  # the tag; the field of the same name follows it
+        if out == ["response_format"] and loc[i - 1] == "response_format" and part in RESPONSE_FORMAT_TYPES \
+                and i + 1 < len(loc):
+            continue  # response_format's type tag
         out.append(str(part))
     return out

@@ -55,6 +55,7 @@ class GenerationJob:
     options: Any  # phi3v GenerationOptions
     loop: asyncio.AbstractEventLoop
     stream: bool  # emit ("delta", text) events while generating
+    output_format: Any = None  # phi3v OutputFormat constraining the answer (response_format), or None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None  # when the worker picked it up (queue wait = started - submitted)
@@ -266,7 +267,8 @@ class EngineWorker:
     def _start(self, loop, job: GenerationJob) -> None:
         """Encode the job's images and queue its row in the loop; a failure fails this job only."""
         try:
-            job.row = self.model.start_row(job.prepared, job.options, reuse_conversation=True)
+            job.row = self.model.start_row(job.prepared, job.options, reuse_conversation=True,
+                                           output_format=job.output_format)
             loop.add(job.row)
         except Exception as err:  # noqa: BLE001 - reported to this request only
             log.exception("starting a generation failed")

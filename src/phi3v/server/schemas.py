@@ -49,9 +49,10 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 # means "off", so the schema says what the server accepts; other values are 400s with code
 # "unsupported_parameter" (app.py).
 UNSUPPORTED_PARAMETERS = frozenset({
-    "frequency_penalty", "logit_bias", "logprobs", "modalities", "n", "presence_penalty", "response_format",
-    "tool_choice", "tools", "top_logprobs"})
+    "frequency_penalty", "logit_bias", "logprobs", "modalities", "n", "presence_penalty", "tool_choice", "tools",
+    "top_logprobs"})
 CONTENT_PART_TYPES = ("text", "image_url")  # the `type` tags of content parts
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")  # the `type` tags of response_format
 
 # ---- request ------------------------------------------------------------------------------
 
@@ -98,6 +99,31 @@ class ResponseFormatText(BaseModel):
     type: Literal["text"]
 
 
+class ResponseFormatJSONObject(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Text = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -; at most 64.")
+    description: Text | None = None
+    # `schema` would shadow a BaseModel attribute: the field has another name, the request's is "schema".
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                        description="The JSON Schema the answer follows ({}: any JSON value).")
+    strict: bool | None = None  # accepted: the answer always follows the schema
+
+
+class ResponseFormatJSONSchema(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[Union[ResponseFormatText, ResponseFormatJSONObject, ResponseFormatJSONSchema],
+                           Field(discriminator="type")]  # tags: RESPONSE_FORMAT_TYPES
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = REQUEST_CONFIG
 
@@ -113,7 +139,7 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=1)  # only 1 supported
     parallel_tool_calls: bool | None = None  # accepted, ignored (no tools)
     presence_penalty: float | None = Field(None, ge=0, le=0)  # only 0 / null supported
-    response_format: ResponseFormatText | None = None  # only {"type": "text"} supported
+    response_format: ResponseFormat | None = None  # text, json_object or json_schema (constrained decoding)
     seed: int | None = option_field("seed")
     service_tier: Text | None = None  # accepted, ignored
     stop: Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)], None] = option_field("stop")

@@ -3,8 +3,8 @@
 Everything a client can get wrong is checked before the request waits for the engine, so a
 request joins a batch only once nothing about it can fail: the body's types and ranges (schemas.py),
 the model name, image URLs, the image count and the characters of text (here, on the event loop,
-all cheap), then the base64, the images, the tokens and the fit in the context (preparation, in
-threads with a deadline: preparation.py).
+all cheap), then the response_format's schema (compiled), the base64, the images, the tokens and
+the fit in the context (preparation, in threads with a deadline: preparation.py).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
 from ..errors import ImageError, Phi3VError, PromptTooLongError
+from ..engine.constraints import OutputFormat
 from ..engine.image import ImageSourcePolicy
 from ..engine.image_source import InvalidBase64Error, decode_data_uri
 from ..options import GenerationOptions
@@ -49,6 +51,7 @@ class Plan:
     stream: bool
     include_usage: bool
     has_images: bool = False
+    response_format: Any = None  # schemas.ResponseFormat, or None; made an OutputFormat in preparation
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ class ChatService:
         has_images = any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
                          for m in messages)
         return Plan(messages, options, max_tokens is not None, num_crops, bool(req.stream), include_usage,
-                    has_images)
+                    has_images, req.response_format)
 
     def _convert_messages(self, req: ChatCompletionRequest) -> list:
         """OpenAI messages -> phi3v messages; data: URIs kept as DataURI, for decode_images."""
@@ -162,7 +165,22 @@ class ChatService:
             code = "invalid_base64" if isinstance(err, InvalidBase64Error) else "invalid_image"
             raise APIError(400, f"{param}: {err}", param=param, code=code) from None
 
-    # ---- preparation: base64, images, tokens (threads, preparation.py) -----------------
+    # ---- preparation: the output format, base64, images, tokens (threads, preparation.py) --
+    def output_format(self, plan: Plan) -> OutputFormat | None:
+        """response_format -> the engine's OutputFormat, compiled now (and cached by content, so a
+        schema sent again costs nothing): a schema it cannot use is a 400 before any generation."""
+        fmt = plan.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        try:
+            out = OutputFormat.json_object() if fmt.type == "json_object" else \
+                OutputFormat.json_schema(fmt.json_schema.json_schema)
+            self.model.grammars.check(out)
+        except Phi3VError as err:  # OutputFormatError, or no grammar engine installed
+            raise APIError(400, f"response_format: {err}", param="response_format",
+                           code="invalid_response_format") from None
+        return out
+
     def decode_images(self, plan: Plan) -> Plan:
         """The plan with its data: URIs decoded to bytes (a 400 naming the part if one is bad)."""
         if not plan.has_images:
@@ -197,9 +215,15 @@ class ChatService:
         return prepared, options
 
     async def _prepare(self, plan: Plan, *, pool):
-        """Base64, then the memory budget, then images and tokens: each blocking step in `pool`."""
-        plan = await asyncio.get_running_loop().run_in_executor(pool, self.decode_images, plan)
-        return await self.prepare_budget.run(pool, self.prepare, plan)
+        """The output format, base64, then the memory budget, then images and tokens: each
+        blocking step in `pool`. -> (PreparedPrompt, GenerationOptions, OutputFormat or None)"""
+        loop = asyncio.get_running_loop()
+        output_format = None
+        if plan.response_format is not None:
+            output_format = await loop.run_in_executor(pool, self.output_format, plan)
+        plan = await loop.run_in_executor(pool, self.decode_images, plan)
+        prepared, options = await self.prepare_budget.run(pool, self.prepare, plan)
+        return prepared, options, output_format
 
     async def admit(self, plan: Plan) -> GenerationJob:
         """Prepare and queue the request; raise APIError (400 / 429) before it waits."""
@@ -207,13 +231,14 @@ class ChatService:
             raise _too_busy(self.worker.reject())
         loop = asyncio.get_running_loop()
         try:
-            prepared, options = await self.preparer.run(self._prepare, plan, images=plan.has_images)
+            prepared, options, output_format = await self.preparer.run(self._prepare, plan, images=plan.has_images)
         except APIError:
             raise
         except Exception:
             log.exception("preparing a request failed")
             raise internal_error() from None
-        job = GenerationJob(prepared=prepared, options=options, loop=loop, stream=plan.stream)
+        job = GenerationJob(prepared=prepared, options=options, loop=loop, stream=plan.stream,
+                            output_format=output_format)
         try:
             self.worker.submit(job)
         except QueueFullError as full:
