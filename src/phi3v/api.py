@@ -8,6 +8,7 @@ Not thread-safe: run one generation at a time per object (the server and batch r
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -49,6 +50,7 @@ class Phi3V:
         self.images = ImageFeatures(module, cfg.preprocessor, image_cache_mb, low_memory)
         self.conversation = ConversationCache(cfg.text, prefix_cache, self.prefix_min_tokens)
         self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
@@ -284,8 +286,9 @@ class Phi3V:
     @property
     def grammars(self) -> Grammars:
         """Output formats compiled against this model's tokenizer (made on first use)."""
-        if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.config.text.vocab_size)
+        with self._grammars_lock:  # the server's preparation threads may ask at the same time
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.config.text.vocab_size)
         return self._grammars
 
     def end_row(self, prepared: PreparedPrompt, row: Row) -> None:
