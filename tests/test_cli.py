@@ -192,12 +192,16 @@ def test_ocr_markdown_no_stream_prints_the_api_text(cli, images, tiny_model):
 def test_table_from_stdin_equals_python_api(cli_env, images, tiny_model):
     """A real process: the image bytes come through a real stdin pipe (and `python -m phi3v` exits 0)."""
     data = (images / "a.png").read_bytes()
-    code, out, err = run_process(cli_env, "table", "-", "--format", "json", *GEN, "--json", stdin=data)
+    code, out, err = run_process(cli_env, "table", "-", "--format", "json", *GEN, "--max-tokens", "400", "--json",
+                                 stdin=data)
     assert code == 0, err
     result = json.loads(out)
     assert result["images"] == ["<stdin>"] and result["prompt"] == tasks.task_prompt("table", "json")
-    expected = tiny_model.ask(tasks.task_prompt("table", "json"), images=[data], **API)
+    # --format json is constrained to the table shape (tests/test_cli_structured.py)
+    expected = tiny_model.ask(tasks.task_prompt("table", "json"), images=[data], json_schema=tasks.TABLE_SCHEMA,
+                              **{**API, "max_new_tokens": 400})
     assert_same_as_api(result, expected)
+    assert result["parsed"] == expected.parsed
 
 
 def test_compare_two_images_equals_python_api(cli, images, tiny_model):

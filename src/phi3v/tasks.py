@@ -80,8 +80,8 @@ TASKS: dict[str, Task] = {
             "csv": _TABLE_BODY.format(what="CSV with a header row, comma-separated, quoting any field "
                                       "that contains a comma")
             + "Output only the CSV, with no code fences and no commentary.",
-            "json": _TABLE_BODY.format(what="a JSON array with one object per row, keyed by the "
-                                       "column headers, numbers as JSON numbers")
+            "json": _TABLE_BODY.format(what='a JSON object: "columns", the column headers, and "rows", '
+                                       "one array of cells per row, numbers as JSON numbers")
             + "Output only the JSON, with no code fences and no commentary.",
         },
         default_format="markdown",
@@ -109,6 +109,35 @@ TASKS: dict[str, Task] = {
         max_images=None,
     ),
 }
+
+
+# `table --format json` answers follow this schema (constrained decoding): the headers, then the
+# rows as arrays of cells (text or numbers).
+TABLE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["columns", "rows"],
+    "properties": {
+        "columns": {"type": "array", "items": {"type": "string"}},
+        "rows": {"type": "array", "items": {"type": "array", "items": {"type": ["string", "number"]}}},
+    },
+}
+
+EXTRACT_PROMPT = (
+    "Extract the information in this image as a JSON object with the fields of this JSON Schema:\n"
+    "{schema}\nCopy text and numbers exactly as they appear in the image. Output only the JSON."
+)
+
+
+def task_schema(task: str, fmt: str | None) -> dict | None:
+    """The JSON Schema a task's answer is constrained to in format `fmt` (None: free text)."""
+    return TABLE_SCHEMA if task == "table" and fmt == "json" else None
+
+
+def extract_prompt(schema: dict, instructions: str | None = None) -> str:
+    """The prompt of `phi3v extract`: the schema (compact) and optional extra instructions."""
+    import json
+
+    text = EXTRACT_PROMPT.format(schema=json.dumps(schema, ensure_ascii=False, separators=(",", ":")))
+    return f"{text}\n{instructions}" if instructions else text
 
 
 def get_task(task: str) -> Task:

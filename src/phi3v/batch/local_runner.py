@@ -5,7 +5,9 @@
 
 A small thread pool runs `model.prepare` (image decoding, HD transform, tokenization) a few
 records ahead while the calling thread generates, one record at a time or `batch_size` at a time
-through `model.generate_batch` when the engine has it.  Results come out in input order; a record
+through `model.generate_batch` when the engine has it.  A job with a `schema` is constrained to it
+(rows with different schemas, or none, share a batch) and its result carries `parsed`, the
+answer as data (None when the answer ended before its structure did).  Results come out in input order; a record
 that fails becomes a result with `error` set.  runner.py (jobs with an output file) and
 ray_runner.py (the same jobs on Ray actors) both run their records through here.
 """
@@ -22,7 +24,7 @@ from .records import Job
 from ..errors import Phi3VError
 from ..options import GenerationOptions
 
-RESULT_KEYS = ("id", "images", "task", "prompt", "text", "finish_reason", "usage", "timings", "error")
+RESULT_KEYS = ("id", "images", "task", "prompt", "text", "parsed", "finish_reason", "usage", "timings", "error")
 
 
 # ------------------------------------------------------------------------------------------
@@ -39,9 +41,11 @@ def make_result(job: Job, *, completion=None, error: str | None = None,
                 preprocess_s: float = 0.0) -> dict:
     """The output line of one record; `error` None on success, text/usage/timings None on error."""
     result = {"id": job.id, "images": list(job.images), "task": job.task, "prompt": job.prompt,
-              "text": None, "finish_reason": None, "usage": None, "timings": None, "error": error}
+              "text": None, "parsed": None, "finish_reason": None, "usage": None, "timings": None,
+              "error": error}
     if completion is not None:
         result["text"] = completion.text
+        result["parsed"] = getattr(completion, "parsed", None)
         result["finish_reason"] = completion.finish_reason
         result["usage"] = completion.usage.to_dict()
         timings = completion.timings.to_dict()
@@ -90,9 +94,15 @@ def _generate_group(model, group: list[_Prepared], options: GenerationOptions,
         if p.error is not None:
             results[i] = make_result(p.job, error=p.error, preprocess_s=p.seconds)
     ok = [i for i, p in enumerate(group) if p.error is None]
+    formats = {i: _output_format(group[i].job) for i in ok}
+    constrained = any(f is not None for f in formats.values())
     if batched and len(ok) > 1:
         try:
-            completions = model.generate_batch([group[i].prepared for i in ok], options)
+            prepared = [group[i].prepared for i in ok]
+            if constrained:  # one bad schema fails the call: then each record runs alone below
+                completions = model.generate_batch(prepared, options, output_formats=[formats[i] for i in ok])
+            else:
+                completions = model.generate_batch(prepared, options)
             for i, c in zip(ok, completions, strict=True):
                 results[i] = make_result(group[i].job, completion=c, preprocess_s=group[i].seconds)
         except Exception:
@@ -102,12 +112,25 @@ def _generate_group(model, group: list[_Prepared], options: GenerationOptions,
             continue
         p = group[i]
         try:
-            completion = model.generate(p.prepared, options)
+            if formats[i] is not None:
+                completion = model.generate(p.prepared, options, output_format=formats[i])
+            else:
+                completion = model.generate(p.prepared, options)
         except Exception as e:
             results[i] = make_result(p.job, error=error_text(e), preprocess_s=p.seconds)
         else:
             results[i] = make_result(p.job, completion=completion, preprocess_s=p.seconds)
     return [results[i] for i in range(len(group))]
+
+
+def _output_format(job: Job):
+    """The job's schema as an engine OutputFormat (None without one). Not raising: a schema the
+    engine refuses fails that record when it runs."""
+    if job.schema is None:
+        return None
+    from ..engine.constraints import OutputFormat
+
+    return OutputFormat.json_schema(job.schema)
 
 
 def iter_job_results(model, jobs: Iterable[Job], options: GenerationOptions, *,

@@ -1,7 +1,8 @@
 """Batch input: what one record is, and how a folder, a glob or a JSONL file becomes records.
 
 A record is one request to the model: an id (unique in the job, the key for resume), the images
-as the user wrote them, and optional per-record `prompt` / `task`.  `resolve_jobs` then turns
+as the user wrote them, and optional per-record `prompt` / `task` / `schema` (a JSON Schema the
+answer must follow; the result then carries the parsed object).  `resolve_jobs` then turns
 records into `Job`s whose prompt text is final, so the runners (local and Ray) never need to
 know about tasks.
 
@@ -22,7 +23,7 @@ from ..engine.image_source import IMAGE_SUFFIXES, has_image_suffix
 from ..errors import Phi3VError, PromptError
 
 # A folder or glob input picks up the files with one of IMAGE_SUFFIXES (any case); the rest is ignored.
-JSONL_KEYS = ("id", "images", "image", "prompt", "task")
+JSONL_KEYS = ("id", "images", "image", "prompt", "task", "schema")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Record:
     sources: tuple[str, ...]  # what the model opens: absolute paths, or URLs / data URIs as given
     prompt: str | None = None
     task: str | None = None
+    schema: object = None  # as given (a JSON Schema object; anything else fails that record alone)
 
 
 @dataclass(frozen=True)
@@ -46,15 +48,16 @@ class Job:
     task: str | None
     prompt: str | None
     error: str | None = None
+    schema: dict | None = None  # the answer follows this JSON Schema (constrained decoding)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "images": list(self.images), "sources": list(self.sources),
-                "task": self.task, "prompt": self.prompt, "error": self.error}
+                "task": self.task, "prompt": self.prompt, "error": self.error, "schema": self.schema}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
         return cls(id=d["id"], images=tuple(d["images"]), sources=tuple(d["sources"]),
-                   task=d.get("task"), prompt=d.get("prompt"), error=d.get("error"))
+                   task=d.get("task"), prompt=d.get("prompt"), error=d.get("error"), schema=d.get("schema"))
 
 
 @dataclass
@@ -169,7 +172,7 @@ def _jsonl_record(obj, where: str, lineno: int, base: Path) -> Record:
         raise Phi3VError(f"{where}: 'id' must be a non-empty string or a number")
     sources = tuple(_jsonl_source(i, base) for i in images)
     return Record(id=record_id, images=tuple(images), sources=sources,
-                  prompt=obj.get("prompt"), task=obj.get("task"))
+                  prompt=obj.get("prompt"), task=obj.get("task"), schema=obj.get("schema"))
 
 
 def _jsonl_source(image: str, base: Path) -> str:
@@ -190,7 +193,7 @@ def check_unique_ids(records: Iterable[Record]) -> None:
 
 
 def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | None,
-                 fmt: str | None = None) -> list[Job]:
+                 fmt: str | None = None, schema: dict | None = None) -> list[Job]:
     """Final prompt text per record, first match wins:
 
     1. the record's own "prompt";
@@ -202,13 +205,19 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
     suit the task (phi3v.tasks.check_image_count: compare needs two or more images; describe,
     ocr and table take one).  A record whose prompt cannot be made becomes a Job with `error`
     set: it is reported in the output like any other failed record.
+
+    The JSON Schema of a record: its own "schema", else the job's `schema`, else the table
+    shape when its prompt is the table preset in format json (tasks.task_schema). A record
+    "schema" that is not a JSON object makes that record an error (one the grammar engine
+    refuses fails when the record runs).
     """
-    from ..tasks import check_image_count
+    from ..tasks import check_image_count, task_schema
 
     jobs = []
     for r in records:
         record_task = r.task or task or "ask"
         error = text = None
+        record_schema = r.schema if r.schema is not None else schema
         try:
             if r.prompt is not None:
                 text = r.prompt
@@ -217,14 +226,19 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
             elif prompt is not None:
                 text = prompt
             else:
-                text = _task_prompt(record_task, fmt if record_task == task else None)
+                preset_fmt = fmt if record_task == task else None
+                text = _task_prompt(record_task, preset_fmt)
+                if record_schema is None:
+                    record_schema = task_schema(record_task, preset_fmt)
             check_image_count(record_task, len(r.images))
             if not text.strip():
                 raise PromptError("the prompt is empty")
+            if record_schema is not None and not isinstance(record_schema, dict):
+                raise PromptError(f"'schema' must be a JSON Schema object, got {type(record_schema).__name__}")
         except Phi3VError as e:
             error = f"{type(e).__name__}: {e}"
         jobs.append(Job(id=r.id, images=r.images, sources=r.sources, task=record_task,
-                        prompt=text, error=error))
+                        prompt=text, error=error, schema=record_schema))
     return jobs
 
 

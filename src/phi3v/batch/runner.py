@@ -153,11 +153,11 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def load_jobs(input, *, task: str | None = None, prompt: str | None = None,
-              fmt: str | None = None) -> list[Job]:
+              fmt: str | None = None, schema: dict | None = None) -> list[Job]:
     """Jobs from an input spec (folder / glob / .jsonl / image path) or an iterable of records.
 
     Records may be `batch_records.Record`s or dicts shaped like JSONL lines
-    (`{"id", "images", "prompt", "task"}`; image paths relative to the current folder).
+    (`{"id", "images", "prompt", "task", "schema"}`; image paths relative to the current folder).
     """
     if isinstance(input, (str, os.PathLike)):
         records = discover(input).records
@@ -166,7 +166,7 @@ def load_jobs(input, *, task: str | None = None, prompt: str | None = None,
         from .records import check_unique_ids
 
         check_unique_ids(records)
-    return resolve_jobs(records, task=task, prompt=prompt, fmt=fmt)
+    return resolve_jobs(records, task=task, prompt=prompt, fmt=fmt, schema=schema)
 
 
 def _record_from(item, n: int) -> Record:
@@ -182,7 +182,7 @@ def _record_from(item, n: int) -> Record:
 
 
 def run_batch(input, model=None, *, task: str | None = None, prompt: str | None = None,
-              fmt: str | None = None, system: str | None = None, out=None,
+              fmt: str | None = None, schema: dict | None = None, system: str | None = None, out=None,
               retry_errors: bool = False, batch_size: int = 4,
               workers: int = 2, image_policy=None, progress: bool = False, device: str = "auto",
               dtype=None, ray=None, ray_actors: int | None = None,
@@ -197,6 +197,8 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
     task / prompt / fmt: the prompt of records that give none: `prompt` if set, else the preset
             of `task` (phi3v.tasks: describe, ocr, table, compare, ask), `fmt` its output format
             (precedence in batch_records.resolve_jobs).  system: a system message for all.
+    schema: a JSON Schema the answers follow (a record's own "schema" wins); results then
+            carry "parsed", the answer as data.
     out:    JSONL output file: results appended as they finish, records already there skipped
             (with `retry_errors`, those that failed are run again; the latest line wins).
     batch_size / workers: records per generation call (batched when the engine has
@@ -207,7 +209,7 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
     **options: GenerationOptions fields (max_new_tokens, temperature, seed, num_crops, ...).
     """
     gen_options = GenerationOptions.from_kwargs(**options)
-    jobs = load_jobs(input, task=task, prompt=prompt, fmt=fmt)
+    jobs = load_jobs(input, task=task, prompt=prompt, fmt=fmt, schema=schema)
 
     if ray is not None and ray is not False:
         runner = ray_runner(model, address=None if ray is True else ray, device=device,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 
 from .. import tasks
-from .arguments import HelpFormatter, answer_parent, generation_parent, model_parent, options_from_args, output_parent
+from ..errors import Phi3VError
+from .arguments import (HelpFormatter, answer_parent, constraint_kwargs, generation_parent, model_parent,
+                        options_from_args, output_parent, structured_parent)
 from .images import open_cli_images
 from .loading import dtype_name, load_model_from_args
 from .output import finish_answer, format_timings, note, print_json
@@ -38,7 +40,8 @@ EXAMPLES = {
     "table": """examples:
   phi3v table chart.png
   phi3v table table.png --format csv > data.csv
-  phi3v table chart.png --format json --json""",
+  phi3v table chart.png --format json          (JSON: {"columns": [...], "rows": [[...], ...]})
+  phi3v table chart.png --format json --json   (the answer's data under "parsed")""",
     "compare": """examples:
   phi3v compare before.png after.png
   phi3v compare a.jpg b.jpg c.jpg --num-crops 4
@@ -47,15 +50,18 @@ EXAMPLES = {
   phi3v ask photo.jpg -p "How many people are in this picture?"
   phi3v ask a.png b.png -p "Which of the two images is brighter?"
   phi3v ask -p "Write a haiku about autumn."            (text only)
-  phi3v ask https://example.com/cat.jpg -p "What breed?" --temperature 0.7 --seed 1""",
+  phi3v ask https://example.com/cat.jpg -p "What breed?" --temperature 0.7 --seed 1
+  phi3v ask photo.jpg -p "Is there a dog?" --choices yes,no
+  phi3v ask receipt.png -p "The total?" --regex '[0-9]+\\.[0-9]{2}'
+  phi3v ask receipt.png -p "Read the receipt." --schema receipt.schema.json""",
 }
 
 
 def register(sub, name: str) -> None:
     task = tasks.TASKS[name]
     nargs, image_help = IMAGES[name]
-    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), answer_parent()],
-                       help=task.summary, description=f"{name}: {task.summary}.", epilog=EXAMPLES[name],
+    parents = [model_parent(), output_parent(), generation_parent(), answer_parent(), structured_parent()]
+    p = sub.add_parser(name, parents=parents, help=task.summary, description=f"{name}: {task.summary}.", epilog=EXAMPLES[name],
                        formatter_class=HelpFormatter)
     p.add_argument("images", nargs=nargs, metavar="IMAGE", help=image_help)
     if name != "ask" and len(task.formats) > 1:
@@ -88,10 +94,24 @@ def run(args) -> int:
         return 0
     images = open_cli_images(args.images)  # before loading: bad paths fail in milliseconds
     options = options_from_args(args)
+    if not constraint_kwargs(args):  # table --format json: the table's shape
+        args.schema = tasks.task_schema(args.command, getattr(args, "format", None))
     model = load_model_from_args(args)
     completion = stream_answer(model, source_for(prompt, images, args.system), options, images, args)
     report(args, model, completion, prompt, images)
+    check_structured(args, completion)
     return 0
+
+
+def check_structured(args, completion) -> None:
+    """With an output constraint, an answer that ended before its structure did is an error (exit 1)."""
+    if constraint_kwargs(args) and completion.parsed is None:
+        what = "JSON" if getattr(args, "schema", None) is not None else "answer"
+        err = Phi3VError(f"the {what} is incomplete: generation ended ({completion.finish_reason}) "
+                         "before the structure was complete")
+        err.cli_hint = ("raise --max-tokens" if completion.finish_reason == "length"
+                        else "a --stop string may have cut it; drop --stop")
+        raise err
 
 
 def task_prompt(args) -> str:
@@ -126,6 +146,7 @@ def report(args, model, completion, prompt: str, images) -> None:
             "prompt": prompt,
             "images": [im.label for im in images],
             "text": completion.text,
+            **({"parsed": completion.to_dict().get("parsed")} if constraint_kwargs(args) else {}),
             "finish_reason": completion.finish_reason,
             "usage": completion.usage.to_dict(),
             "timings": timings,

@@ -5,6 +5,7 @@
     generation_parent()  --max-tokens --temperature --top-p --top-k --repetition-penalty --seed
                          --stop (all from phi3v.options.OPTIONS) and --system
     answer_parent()      --json --no-stream (the commands that print one answer)
+    structured_parent()  --schema FILE.json | --regex RE | --choices a,b,c (structured output)
 
 A command passes the ones it needs as `parents=[...]`; options_from_args(args) turns the parsed
 generation options back into GenerationOptions. Bad values are usage errors (exit code 2) with
@@ -16,6 +17,7 @@ Light on purpose: argparse and phi3v's small modules only, so `phi3v --help` sta
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 
@@ -126,6 +128,61 @@ def answer_parent() -> argparse.ArgumentParser:
                    help="print one JSON object: text, finish_reason, usage, timings, model")
     o.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
     return p
+
+
+def schema_file(text: str) -> dict:
+    """An argparse type: a JSON Schema file (or - for stdin) -> the schema as a dict. A missing
+    file or one that is not a JSON object is a usage error; what the grammar engine refuses in a
+    valid object is found when the command runs (before generation, exit 1)."""
+    try:
+        if text == "-":
+            import sys
+
+            data = sys.stdin.read()
+        else:
+            with open(os.path.expanduser(text), encoding="utf-8") as f:
+                data = f.read()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {err.strerror or err}") from None
+    try:
+        schema = json.loads(data)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text} is not valid JSON: {err}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{text} must hold a JSON Schema object, got {type(schema).__name__}")
+    return schema
+
+
+def choice_list(text: str) -> list[str]:
+    """An argparse type: "yes,no,maybe" -> ["yes", "no", "maybe"] (blanks around commas dropped)."""
+    choices = [c.strip() for c in text.split(",")]
+    if not all(choices) or len(choices) < 2:
+        raise argparse.ArgumentTypeError(f"expected two or more comma-separated choices, got {text!r}")
+    return choices
+
+
+def add_schema_argument(group, required: bool = False) -> None:
+    """--schema FILE.json: the one declaration (structured_parent and `phi3v extract` use it)."""
+    group.add_argument("--schema", type=schema_file, default=None, metavar="FILE.json", required=required,
+                       help="the answer is JSON that follows this JSON Schema (- reads it from stdin)")
+
+
+def structured_parent() -> argparse.ArgumentParser:
+    """--schema, --regex, --choices: at most one; the answer follows it token by token."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    add_schema_argument(g)
+    g.add_argument("--regex", default=None, metavar="RE", help="the answer matches this regular expression")
+    g.add_argument("--choices", type=choice_list, default=None, metavar="A,B,...",
+                   help="the answer is exactly one of these comma-separated strings")
+    return p
+
+
+def constraint_kwargs(args) -> dict:
+    """The output constraint of the parsed args as model.ask/stream keywords ({} for none)."""
+    given = {"json_schema": getattr(args, "schema", None), "regex": getattr(args, "regex", None),
+             "choices": getattr(args, "choices", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def option_values(args) -> dict:

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from ..batch.runner import run_batch
-from .arguments import HelpFormatter, generation_parent, model_parent, option_values, output_parent
+from .arguments import (HelpFormatter, add_schema_argument, generation_parent, model_parent, option_values,
+                        output_parent)
 from .images import cli_policy  # files and http(s) URLs, like the other commands
 from .loading import load_model_from_args
 from .output import print_error
@@ -29,20 +30,22 @@ from .running import run_alone
 EXIT_OK, EXIT_ERRORS, EXIT_INTERRUPTED = 0, 1, 130
 
 DESCRIPTION = """Run a task or a prompt over many images; results go to a JSONL file, one line
-per record (id, images, task, prompt, text, finish_reason, usage, timings, error), appended as
+per record (id, images, task, prompt, text, parsed, finish_reason, usage, timings, error), appended as
 each record finishes.  Running the same command again skips the records already in --out."""
 
 EPILOG = """input:
   FOLDER          every image file below it (recursively); id = path relative to FOLDER
   'GLOB'          image files matching the pattern (quote it; ** recurses); id = the path
-  FILE.jsonl      one record per line: {"id": ..., "images": [...], "prompt": ..., "task": ...}
-                  (all optional but images; a record's prompt/task override the options;
+  FILE.jsonl      one record per line: {"id": ..., "images": [...], "prompt": ..., "task": ...,
+                  "schema": {JSON Schema}} (all optional but images; a record's prompt/task/schema
+                  override the options;
                   relative image paths are relative to the JSONL file)
 
 examples:
   phi3v batch receipts/ --task ocr --out receipts.jsonl
   phi3v batch 'charts/*.png' --task table --format csv --out charts.jsonl
   phi3v batch photos/ --prompt "Is there a dog? Answer yes or no." --out dogs.jsonl
+  phi3v batch receipts/ --prompt "Read the receipt." --schema receipt.schema.json --out r.jsonl
   phi3v batch photos/ --task describe --out captions.jsonl --ray          # Ray cluster
 
 --max-tokens, --seed and the other generation options apply to each record alone: with a
@@ -69,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "for --task ask the question, for other tasks it replaces the preset")
     p.add_argument("--format", dest="fmt", metavar="FMT",
                    help="output format of the task preset (ocr: text|markdown, table: markdown|csv|json)")
+    add_schema_argument(p)
     p.add_argument("--retry-errors", action="store_true",
                    help="also rerun records whose latest result in --out is an error")
     p.add_argument("--batch-size", type=int, default=4, metavar="N",
@@ -111,8 +115,8 @@ def run_command(args) -> int:
     # after the input has been read, so a wrong INPUT fails at once.
     model = args.model if use_ray else (lambda: load_model_from_args(args))
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    job = run_batch(args.input, model, task=task, prompt=args.prompt, fmt=args.fmt, out=args.out,
-                    retry_errors=args.retry_errors, batch_size=args.batch_size,
+    job = run_batch(args.input, model, task=task, prompt=args.prompt, fmt=args.fmt, schema=args.schema,
+                    out=args.out, retry_errors=args.retry_errors, batch_size=args.batch_size,
                     workers=args.workers, image_policy=cli_policy(), progress=not args.quiet,
                     system=args.system, device=args.device, dtype=dtype, ray=args.ray,
                     ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import ImageError, Phi3VError
-from .arguments import HelpFormatter, answer_parent, generation_parent, model_parent, options_from_args, output_parent
+from .arguments import (HelpFormatter, answer_parent, generation_parent, model_parent, options_from_args,
+                        output_parent, structured_parent)
 from .images import CliImage, is_url, open_cli_image, open_cli_images
 from .loading import load_model_from_args
 from .output import format_timings, is_tty, note, print_error, style
@@ -31,6 +32,7 @@ from .streaming import stream_answer
 EXAMPLES = """examples:
   phi3v chat
   phi3v chat photo.jpg --device cuda
+  phi3v chat photo.jpg --choices yes,no        (every answer is yes or no)
   printf 'What is this?\\n/image b.png\\nAnd this one?\\n/save chat.json\\n' | phi3v chat a.png
 
 in the session: /image PATH, /reset, /save FILE, /help, /quit (or Ctrl-D)"""
@@ -44,7 +46,8 @@ HELP = """commands:
 
 
 def register(sub, name: str) -> None:
-    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), answer_parent()],
+    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), answer_parent(),
+                                      structured_parent()],
                        help="an interactive multi-turn session",
                        description="Chat about images: type questions; the answers stream.",
                        epilog=EXAMPLES, formatter_class=HelpFormatter)

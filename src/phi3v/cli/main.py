@@ -6,6 +6,7 @@ and imports nothing heavy at module level: torch, the model, fastapi and ray are
 a command runs, so `phi3v --help`, every `phi3v COMMAND --help` and usage errors are quick.
 
     answer.py    describe, ocr, table, compare, ask     chat.py      chat
+    extract.py   extract (JSON following a schema)
     download.py  download                               info.py      info
     serve.py     serve                                  batch.py     batch
     quantize.py  quantize                               bench.py     bench
@@ -20,7 +21,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import answer, batch, bench, chat, download, info, quantize, serve
+from . import answer, batch, bench, chat, download, extract, info, quantize, serve
 from .running import run_parsed
 
 # command -> the module that registers it; the order of `phi3v --help`
@@ -30,6 +31,7 @@ COMMANDS = {
     "table": answer,
     "compare": answer,
     "ask": answer,
+    "extract": extract,
     "chat": chat,
     "download": download,
     "info": info,
@@ -44,6 +46,7 @@ MAIN_EPILOG = """examples:
   phi3v ocr receipt.png --format markdown
   phi3v table chart.png --format csv
   phi3v ask photo.jpg -p "What colour is the car?"
+  phi3v extract receipt.png --schema receipt.schema.json
   phi3v chat photo.jpg
 
 `phi3v COMMAND --help` shows every option and examples. The model is chosen with --model

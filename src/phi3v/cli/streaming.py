@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..errors import PromptTooLongError
+from ..errors import Phi3VError, PromptTooLongError
+from .arguments import constraint_kwargs
 from .output import Spinner, finish_answer, write_answer_delta
 
 
@@ -26,10 +27,11 @@ def stream_answer(model, source, options, images, args):
     text = []
     try:
         with spinner:
+            kwargs = {**asdict(options), **constraint_kwargs(args)}  # --schema / --regex / --choices
             if pil_images is None:
-                stream = model.stream(source, **asdict(options))
+                stream = model.stream(source, **kwargs)
             else:
-                stream = model.stream(source, images=pil_images, **asdict(options))
+                stream = model.stream(source, images=pil_images, **kwargs)
             for delta in stream:
                 if printing:
                     spinner.stop()
@@ -38,6 +40,14 @@ def stream_answer(model, source, options, images, args):
     except PromptTooLongError as err:
         err.cli_hint = too_long_hint(err, images, options.max_new_tokens, options.num_crops
                                      or getattr(model, "default_num_crops", None))
+        raise
+    except Phi3VError as err:  # a schema/regex the grammar engine refuses: one line and where to read more
+        from ..engine.constraints import OutputFormatError
+
+        if isinstance(err, OutputFormatError):
+            failure = OutputFormatError(" ".join(str(err).split()))
+            failure.cli_hint = "docs/structured.md says what a schema may contain"
+            raise failure from None
         raise
     except KeyboardInterrupt:
         if stream is not None:
