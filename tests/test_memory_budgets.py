@@ -314,3 +314,46 @@ def test_retained_conversation_byte_budget(tiny_model_dir):
     model.conversation.max_bytes = 16  # smaller than any KV cache
     model.ask("Hello there, how are you?", max_new_tokens=3, temperature=0)
     assert model.conversation.retained is None
+
+
+# ---- freed heap memory goes back to the OS ------------------------------------------------------
+
+
+def test_heap_trim_returns_freed_memory():
+    """glibc keeps freed buffers of a few MB in its arenas; trim_heap hands them back."""
+    from phi3v.server import heap_trim
+
+    if heap_trim._malloc_trim is None:
+        pytest.skip("not glibc")
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    # Raise the mmap threshold as a freed large block does, then fill and free 200 MB of 1 MB blocks.
+    big = libc.malloc(8 << 20)
+    libc.free(big)
+    blocks = [libc.malloc(1 << 20) for _ in range(200)]
+    for b in blocks:
+        libc.memset(b, 1, 1 << 20)
+    for b in blocks[:-1]:  # the last one keeps the heap's top in use: only a trim frees below it
+        libc.free(b)
+    before = _rss_mb()
+    assert heap_trim.trim_heap()
+    assert _rss_mb() < before - 100
+    libc.free(blocks[-1])
+
+
+def test_heap_trimmer_thread_starts_and_stops():
+    from phi3v.server.heap_trim import HeapTrimmer, _malloc_trim
+
+    off = HeapTrimmer(0)
+    off.start()
+    assert off._thread is None
+    on = HeapTrimmer(0.01)
+    on.start()
+    assert (on._thread is not None) == (_malloc_trim is not None)
+    time.sleep(0.05)
+    on.stop()
+    assert on._thread is None

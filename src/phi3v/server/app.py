@@ -19,6 +19,7 @@ from .api_errors import APIError, internal_error, unsupported_parameter
 from .body_deadline import BodyDeadlineMiddleware, BodyTimeout
 from .body_limit import BodyLimitMiddleware, BodyTooLarge
 from .engine_worker import EngineWorker
+from .heap_trim import HeapTrimmer
 from .host_guard import LOOPBACK_NAMES, HostGuardMiddleware, parse_list
 from .metrics import ServerMetrics
 from .observe import ObserverMiddleware
@@ -45,6 +46,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     model.conversation.max_entries = settings.retained_conversations
     service = ChatService(model, settings, worker, model_id, accepted_model_names(model.name, model_id))
     created = int(time.time())
+    trimmer = HeapTrimmer(settings.heap_trim_s)  # freed heap memory back to the OS now and then (heap_trim.py)
     # Readiness and the drain on SIGTERM (shutdown.py); metrics and the per-request log line
     # (metrics.py, request_log.py): the worker reports each generation as it ends.
     lifecycle = Lifecycle(settings.shutdown_timeout_s, on_timeout=worker.cancel_all)
@@ -54,6 +56,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
+        trimmer.start()
         lifecycle.started()
         try:
             yield
@@ -61,6 +64,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
             lifecycle.stopped()
             worker.stop()
             service.close()
+            trimmer.stop()
 
     app = FastAPI(
         title="phi3v",

@@ -102,8 +102,9 @@ class ServerSettings:
     retained_kv_bytes: int = setting(
         4096 * MIB, "largest KV cache in MiB kept for the next request's shared prefix (the last "
                     "conversation); 0 = keep none", "--retained-kv-mb", bounds=Bounds(0), unit=MIB, metavar="N")
-    model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
-                                   default_text="the hub id, or a local folder's name")
+    heap_trim_s: float = setting(5.0, "seconds between returns of freed heap memory to the OS (glibc malloc_trim, "
+                                      "server/heap_trim.py); 0 = never", "--heap-trim-s", bounds=Bounds(0),
+                                 metavar="S")
     model_id: str | None = setting(None, "the model id clients use", "--model-id", metavar="ID",
                                    default_text="the hub id, or a local folder's name")
     # ---- hardening (issue 11): who may talk to the server, and how long a connection may dawdle ----
