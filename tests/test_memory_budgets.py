@@ -357,3 +357,16 @@ def test_heap_trimmer_thread_starts_and_stops():
     time.sleep(0.05)
     on.stop()
     assert on._thread is None
+
+
+def test_serve_flags_for_memory_budgets():
+    from phi3v.cli.main import build_parser
+    from phi3v.cli.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--max-image-mpx", "0.5", "--max-request-mpx", "2",
+                                      "--prepare-memory-mb", "64", "--image-cache-mb", "0",
+                                      "--retained-kv-mb", "1", "--heap-trim-s", "0"])
+    settings = settings_from_args(args)
+    assert (settings.max_image_pixels, settings.max_request_pixels) == (500_000, 2_000_000)
+    assert (settings.prepare_memory_bytes, settings.image_cache_bytes) == (64 * 2**20, 0)
+    assert (settings.retained_kv_bytes, settings.heap_trim_s) == (2**20, 0)
