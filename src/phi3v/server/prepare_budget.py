@@ -48,6 +48,11 @@ def estimate_prepare_bytes(messages: list, policy: ImageSourcePolicy, num_crops:
     return largest * BYTES_PER_PIXEL
 
 
+def _has_images(messages: list) -> bool:
+    return any(isinstance(m.get("content"), list) and any(p.get("type") != "text" for p in m["content"])
+               for m in messages)
+
+
 class PrepareBudget:
     """An asyncio byte semaphore (FIFO) around preparation jobs run in an executor.
 
@@ -64,6 +69,8 @@ class PrepareBudget:
     async def run(self, executor: Executor, prepare: Callable, plan):
         """prepare(plan) in `executor` once the plan's estimated memory fits; -> its result."""
         loop = asyncio.get_running_loop()
+        if not _has_images(plan.messages):  # nothing to estimate: no extra trip through the pool
+            return await loop.run_in_executor(executor, prepare, plan)
         num_crops = plan.num_crops or self.default_num_crops
         estimate = await loop.run_in_executor(executor, estimate_prepare_bytes, plan.messages, self.policy,
                                               num_crops)
