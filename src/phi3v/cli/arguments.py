@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import sys
 
 from .. import DEFAULT_MODEL
 from ..options import OPTION_BY_NAME, OPTIONS, Bounds, GenerationOptions, OptionSpec, option_defaults
@@ -136,8 +137,6 @@ def schema_file(text: str) -> dict:
     valid object is found when the command runs (before generation, exit 1)."""
     try:
         if text == "-":
-            import sys
-
             data = sys.stdin.read()
         else:
             with open(os.path.expanduser(text), encoding="utf-8") as f:
