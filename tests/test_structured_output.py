@@ -137,3 +137,11 @@ def test_a_schema_compiles_once(model):
     compiled = dict(model.grammars._compiled)
     model.grammars.check(OutputFormat.json_schema(json.dumps(SCHEMAS["table"])))  # same content, other spelling
     assert model.grammars._compiled.keys() == compiled.keys()
+
+
+def test_objects_come_in_the_schemas_key_order(model):
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha", "mid"],
+              "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "boolean"}, "mid": SHORT}}
+    reply = model.ask("Fields.", json_schema=schema, max_new_tokens=MAX_TOKENS)
+    check(reply, schema)
+    assert list(json.loads(reply.text)) == ["zeta", "alpha", "mid"]

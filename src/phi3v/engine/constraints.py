@@ -53,7 +53,9 @@ class OutputFormat:
                 raise OutputFormatError(f"the JSON Schema is not valid JSON: {err}") from None
         if not isinstance(schema, dict):
             raise OutputFormatError(f"a JSON Schema must be an object, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # Canonical spacing, the author's key order: objects are generated in the schema's order
+        # (a model writes "merchant" before "total" better than the alphabet would have it).
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def json_object(cls) -> "OutputFormat":
