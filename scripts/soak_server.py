@@ -325,15 +325,17 @@ def main(argv=None) -> int:
 
 
 def minute_medians(rss_samples) -> list[float]:
-    """The median RSS of each minute in the last half of the run."""
+    """The median RSS of each whole minute in the last half of the run, counted back from its end
+    (a partial minute of a few samples would be one request's noise, not a trend), oldest first."""
     if not rss_samples:
         return []
     last = rss_samples[-1][0]
     minutes: dict[int, list[float]] = collections.defaultdict(list)
     for t, mb in rss_samples:
         if t >= last / 2:
-            minutes[int(t // 60)].append(mb)
-    return [float(np.median(v)) for _, v in sorted(minutes.items())]
+            minutes[int((last - t) // 60)].append(mb)
+    full = 60 / RSS_SAMPLE_S / 2  # at least half a minute's samples
+    return [float(np.median(v)) for _, v in sorted(minutes.items(), reverse=True) if len(v) >= full]
 
 
 def report(stats: Stats, rss_samples, alive: bool, health) -> bool:
