@@ -147,6 +147,7 @@ def run_info(args) -> int:
         print(format_info(images, model, chosen))
     return 0
 
+
 EXAMPLES = """examples:
   phi3v info photo.jpg
   phi3v info a.png b.png --num-crops 4 --dtype bfloat16
