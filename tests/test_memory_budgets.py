@@ -331,18 +331,43 @@ def test_heap_trim_returns_freed_memory():
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-    # Raise the mmap threshold as a freed large block does, then fill and free 200 MB of 1 MB blocks.
+    # Raise the mmap threshold as a freed large block does, then fill and free 200 MB of 512 KiB
+    # blocks (below the threshold whether the server pinned it at 1 MiB or glibc raised it).
     big = libc.malloc(8 << 20)
     libc.free(big)
-    blocks = [libc.malloc(1 << 20) for _ in range(200)]
+    blocks = [libc.malloc(1 << 19) for _ in range(400)]
     for b in blocks:
-        libc.memset(b, 1, 1 << 20)
+        libc.memset(b, 1, 1 << 19)
     for b in blocks[:-1]:  # the last one keeps the heap's top in use: only a trim frees below it
         libc.free(b)
     before = _rss_mb()
     assert heap_trim.trim_heap()
     assert _rss_mb() < before - 100
     libc.free(blocks[-1])
+
+
+def test_pinned_mmap_threshold_gives_large_buffers_back_at_free():
+    """After a large free glibc would keep the next 4 MB buffers in its arenas; pinned, each is a
+    mapping of its own and leaves RSS when freed."""
+    from phi3v.server import heap_trim
+
+    if heap_trim._malloc_trim is None:
+        pytest.skip("not glibc")
+    import ctypes
+
+    assert heap_trim.pin_mmap_threshold()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.free(libc.malloc(32 << 20))  # what would raise glibc's dynamic threshold to 32 MB
+    blocks = [libc.malloc(4 << 20) for _ in range(50)]
+    for b in blocks:
+        libc.memset(b, 1, 4 << 20)
+    filled = _rss_mb()
+    for b in blocks:
+        libc.free(b)
+    assert _rss_mb() < filled - 150  # 200 MB handed back at free(), no trim needed
 
 
 def test_heap_trimmer_thread_starts_and_stops():
