@@ -109,3 +109,25 @@ class RunningServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server never reached the expected state; last /health: {h}")
             time.sleep(0.05)
+
+
+class SlowSteps:
+    """A model whose decode steps each take `delay` s longer, so requests surely overlap and a
+    stream is still running when a test looks at it."""
+
+    def __init__(self, model, delay=0.02):
+        self._model, self._delay = model, delay
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def new_loop(self, *args, **kwargs):
+        loop = self._model.new_loop(*args, **kwargs)
+        step = loop.step
+
+        def slow_step():
+            time.sleep(self._delay)
+            return step()
+
+        loop.step = slow_step
+        return loop

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from phi3v.server import ServerSettings
-from server_harness import RunningServer, image_part, png_bytes
+from server_harness import RunningServer, SlowSteps, image_part, png_bytes
 
 IMG = png_bytes(40, 30, seed=11)
 N_CLIENTS = 32
@@ -217,27 +217,6 @@ def test_cli_serve_subprocess(tiny_model_dir, tmp_path):
 
 
 # ---- continuous batching: every request joins the running batch ---------------------------------
-
-
-class SlowSteps:
-    """The tiny model with each decode step 20 ms long, so requests surely overlap."""
-
-    def __init__(self, model):
-        self._model = model
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def new_loop(self, *args, **kwargs):
-        loop = self._model.new_loop(*args, **kwargs)
-        step = loop.step
-
-        def slow_step():
-            time.sleep(0.02)
-            return step()
-
-        loop.step = slow_step
-        return loop
 
 
 def test_requests_join_a_running_stream_and_keep_their_solo_answers(tiny_model):

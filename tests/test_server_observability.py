@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from phi3v.errors import Phi3VError
 from phi3v.server import ServerSettings, create_app
 from phi3v.server.request_log import JsonFormatter
-from server_harness import RunningServer, image_part, png_bytes
+from server_harness import RunningServer, SlowSteps, image_part, png_bytes
 
 IMG = png_bytes(40, 30, seed=21)
 
@@ -38,27 +38,6 @@ def request(model_id, text="What is this?", max_tokens=4, image=True, **extra) -
     content = ([image_part(IMG)] if image else []) + [{"type": "text", "text": text}]
     return dict(model=model_id, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
                 temperature=0, **extra)
-
-
-class SlowSteps:
-    """The tiny model with each decode step `delay` s long, so a stream is still running when looked at."""
-
-    def __init__(self, model, delay=0.02):
-        self._model, self._delay = model, delay
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def new_loop(self, *args, **kwargs):
-        loop = self._model.new_loop(*args, **kwargs)
-        step = loop.step
-
-        def slow_step():
-            time.sleep(self._delay)
-            return step()
-
-        loop.step = slow_step
-        return loop
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import pytest
 from phi3v.server import ServerSettings, create_app
 from phi3v.server.shutdown import DrainingServer
 from server_harness import RunningServer
-from test_server_observability import SlowSteps, request
+from server_harness import SlowSteps
+from test_server_observability import request
 
 
 def draining(srv: RunningServer) -> RunningServer:
