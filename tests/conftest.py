@@ -25,6 +25,16 @@ import pytest
 SHORT_ROPE = 256  # original_max_position_embeddings of the checkpoints that cross the boundary early
 
 
+@pytest.fixture(autouse=True)
+def no_user_configuration(monkeypatch, tmp_path_factory):
+    """The tester's own ~/.config/phi3v/config.toml, PHI3V_CONFIG and phi3v models folder never reach a
+    test (cli/configuration.py reads them for every command); a test sets its own."""
+    empty = tmp_path_factory.getbasetemp() / "no-user-config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(empty))
+    monkeypatch.setenv("PHI3V_HOME", str(empty / "phi3v-home"))
+    monkeypatch.delenv("PHI3V_CONFIG", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny checkpoint folder in the official layout (preprocessor num_crops = 2)."""

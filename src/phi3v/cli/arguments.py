@@ -24,6 +24,7 @@ import sys
 
 from .. import DEFAULT_MODEL
 from ..options import OPTION_BY_NAME, OPTIONS, Bounds, GenerationOptions, OptionSpec, option_defaults
+from .configuration import configurable
 
 MODEL_ENV = "PHI3V_MODEL"
 
@@ -73,8 +74,8 @@ def add_option_flag(group, spec: OptionSpec) -> None:
         return
     default = option_defaults()[spec.name]
     shown = spec.default_text or str(default)
-    group.add_argument(spec.flag, type=number(spec.kind, spec.bounds), default=default, metavar=spec.metavar,
-                       help=with_default(spec.help, shown))
+    configurable(group.add_argument(spec.flag, type=number(spec.kind, spec.bounds), default=default,
+                                    metavar=spec.metavar, help=with_default(spec.help, shown)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,21 +83,31 @@ def add_option_flag(group, spec: OptionSpec) -> None:
 
 
 def model_parent() -> argparse.ArgumentParser:
-    """--model, --device, --dtype, --quantize, --low-memory, --num-crops: every model command's options."""
+    """--model, --device, --dtype, --quantize, --low-memory, --num-crops, --ctx, --image-cache-mb:
+    every model command's options; each also settable as PHI3V_<NAME> or in the config file
+    (configuration.py)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", default=os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
-                   help=f"hub id or local folder (default: %(default)s; environment: {MODEL_ENV})")
-    g.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights and compute dtype (default: auto = bfloat16, float32 on MPS)")
-    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="quantize the decoder's linear layers while loading (weight-only; less memory, "
-                        "faster decode on CPU; a checkpoint from `phi3v quantize` needs no flag)")
-    g.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="hand the vision tower's weight pages back to the OS after each image "
-                        "(~0.6 GB less resident; default: on with --quantize or a quantized checkpoint)")
+    configurable(g.add_argument("-m", "--model", default=os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
+                                help=f"hub id or local folder (default: %(default)s; environment: {MODEL_ENV})"))
+    configurable(g.add_argument("--device", type=device, default="auto",
+                                help="auto | cpu | cuda | cuda:N | mps (default: auto)"))
+    configurable(g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                                help="weights and compute dtype (default: auto = bfloat16, float32 on MPS)"))
+    configurable(g.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None,
+        help="quantize the decoder's linear layers while loading (weight-only; less memory, "
+             "faster decode on CPU; a checkpoint from `phi3v quantize` needs no flag)"))
+    configurable(g.add_argument(
+        "--low-memory", action=argparse.BooleanOptionalAction, default=None,
+        help="hand the vision tower's weight pages back to the OS after each image "
+             "(~0.6 GB less resident; default: on with --quantize or a quantized checkpoint)"))
     add_option_flag(g, OPTION_BY_NAME["num_crops"])
+    configurable(g.add_argument("--ctx", type=number(int, Bounds(1)), default=None, metavar="N",
+                                help="context limit in tokens: prompt + answer (default: the model's, 131072)"))
+    configurable(g.add_argument("--image-cache-mb", type=number(float, Bounds(0)), default=512, metavar="N",
+                                help="byte budget of the image caches (preprocessed pixels and features) in "
+                                     "MiB; 0 = off (default: 512)"))
     return p
 
 

@@ -27,7 +27,8 @@ def load_model_from_args(args):
     with Spinner(f"loading {args.model}", enabled=show):
         model = phi3v.load(args.model, device=args.device, dtype=dtype, progress=show, revision=revision,
                            quantize=getattr(args, "quantize", None), low_memory=getattr(args, "low_memory", None),
-                           model_dir=folder)
+                           model_dir=folder, max_context=getattr(args, "ctx", None),
+                           image_cache_mb=getattr(args, "image_cache_mb", 512))
     args.load_s = time.perf_counter() - start
     if getattr(args, "verbose", False):
         note(f"loaded {model.name} on {model.device} ({dtype_name(model.dtype)}) in {args.load_s:.2f}s")

@@ -10,6 +10,7 @@ a command runs, so `phi3v --help`, every `phi3v COMMAND --help` and usage errors
     download.py  download                               info.py      info
     serve.py     serve                                  batch.py     batch
     quantize.py  quantize                               bench.py     bench
+    config_command.py  config (defaults from the environment and the config file: configuration.py)
 
 Shared: arguments.py (option groups, argument types), running.py (errors, hints, exit codes),
 loading.py (--model etc. -> phi3v.load), streaming.py, output.py, images.py.
@@ -21,7 +22,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import answer, batch, bench, chat, download, extract, info, quantize, serve
+from . import answer, batch, bench, chat, config_command, download, extract, info, quantize, serve
 from .running import run_parsed
 
 # command -> the module that registers it; the order of `phi3v --help`
@@ -39,6 +40,7 @@ COMMANDS = {
     "batch": batch,
     "quantize": quantize,
     "bench": bench,
+    "config": config_command,
 }
 
 MAIN_EPILOG = """examples:

@@ -96,7 +96,21 @@ def run_with_errors(fn, args) -> int:
 
 
 def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse `argv` with `parser` (sub-commands), check the usage, run the command: the exit code."""
+    """Parse `argv` with `parser` (sub-commands), check the usage, run the command: the exit code.
+
+    Before parsing: a mistyped command is a usage error with "did you mean ...?" (suggest.py),
+    and the command's configurable flags take their defaults from the environment and the
+    config file (configuration.py: flag > environment > file > default).
+    """
+    from .configuration import apply_configuration, command_parsers
+    from .suggest import first_command_token, unknown_command_message
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    token = first_command_token(argv)
+    commands = command_parsers(parser)
+    if token is not None and commands and token not in commands:
+        parser.error(unknown_command_message(token, commands))
+    apply_configuration(parser, argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None) or not hasattr(args, "func"):
         parser.print_help(sys.stderr)

@@ -16,6 +16,7 @@ from dataclasses import fields
 
 from ..server.settings import ServerSettings
 from .arguments import HelpFormatter, model_parent, number, with_default
+from .configuration import configurable
 from .loading import load_model_from_args
 from .running import missing_extra
 from .serve_ray import add_arguments as add_ray_arguments
@@ -45,6 +46,9 @@ def register(sub, name: str) -> None:
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     add_ray_arguments(parser)  # --ray, --replicas: replicas on Ray Serve (cli/serve_ray.py)
+    for action in parser._actions:  # PHI3V_HOST, PHI3V_PORT, ... or the config file (cli/configuration.py)
+        if action.dest in ("host", "port", "log_level"):
+            configurable(action)
     parser.set_defaults(func=run)
 
 
@@ -64,15 +68,16 @@ def add_settings_arguments(group) -> None:
         shown = meta["default_text"] or f"{default / unit:g}"
         help = with_default(meta["help"], shown)
         if isinstance(f.default, bool):  # an on/off setting, off by default
-            group.add_argument(meta["flag"], dest=_dest(f), action="store_true", help=help)
+            action = group.add_argument(meta["flag"], dest=_dest(f), action="store_true", help=help)
         elif isinstance(f.default, (int, float)):  # a number; a size in units may have decimals
             kind = float if unit != 1 else type(f.default)
-            group.add_argument(meta["flag"], dest=_dest(f), type=number(kind, meta["bounds"].scaled(unit)),
-                               default=default if unit == 1 else default / unit, metavar=meta["metavar"],
-                               help=help)
+            action = group.add_argument(meta["flag"], dest=_dest(f), type=number(kind, meta["bounds"].scaled(unit)),
+                                        default=default if unit == 1 else default / unit, metavar=meta["metavar"],
+                                        help=help)
         else:  # text
-            group.add_argument(meta["flag"], dest=_dest(f), default=default, metavar=meta["metavar"], help=help,
-                               choices=meta.get("choices"))
+            action = group.add_argument(meta["flag"], dest=_dest(f), default=default, metavar=meta["metavar"],
+                                        help=help, choices=meta.get("choices"))
+        configurable(action)  # PHI3V_<DEST> or the config file (cli/configuration.py)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

@@ -98,7 +98,7 @@ class ServerSettings:
         bounds=POSITIVE, unit=MIB, metavar="N")
     image_cache_bytes: int = setting(512 * MIB, "byte budget of the image caches (preprocessed pixels and "
                                                 "features) in MiB; 0 = off", "--image-cache-mb",
-                                     bounds=Bounds(0), unit=MIB, metavar="N")
+                                     bounds=Bounds(0), unit=MIB, metavar="N", model_option=True)
     retained_kv_bytes: int = setting(
         4096 * MIB, "largest KV cache in MiB kept for the next request's shared prefix (the last "
                     "conversation); 0 = keep none", "--retained-kv-mb", bounds=Bounds(0), unit=MIB, metavar="N")
