@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import native
+from ..kernels import native, ops
 from .config import TextConfig
 from ..kernels.decode_linear import DecodeLinear
 
@@ -137,18 +137,15 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     would make CPU matmul copy the strided views every step, and SDPA's CPU kernels are built for
     many queries: this is ~5x faster for one query over 2k keys. Returns (B, H, 1, D).
     """
-    if q.dtype == torch.bfloat16:  # the native kernel (phi3v.kernels.native), when built: ~7-20x faster
-        out = native.decode_attention(q, k_buf, v_buf, length)
-        if out is not None:
-            return out
-    B, H, _, D = q.shape
-    kvh = k_buf.shape[1]
-    qg = q.reshape(B, kvh, H // kvh, D)  # query heads grouped under their key/value head
-    scores = torch.matmul(qg, k_buf.transpose(-1, -2)).float()  # (B, KVH, H/KVH, capacity)
-    scores[..., length:] = float("-inf")
-    probs = torch.softmax(scores * D**-0.5, dim=-1).to(v_buf.dtype)
-    out = torch.matmul(probs, v_buf)  # (B, KVH, H/KVH, D)
-    return out.reshape(B, H, 1, D)
+    if _native_attention_ok(q, k_buf, v_buf):  # the native kernel as phi3v::decode_attention: ~7-20x faster
+        return ops.decode_attention(q, k_buf, v_buf, length)
+    return ops.decode_attention_torch(q, k_buf, v_buf, length)
+
+
+def _native_attention_ok(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
+    """Whether the native one-query attention takes these (bf16 CPU tensors, contiguous buffers)."""
+    return (q.dtype == torch.bfloat16 and k_buf.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and k_buf.is_contiguous() and v_buf.is_contiguous() and native.available())
 
 
 class Attention(nn.Module):
@@ -172,11 +169,11 @@ class Attention(nn.Module):
             if L == 1 and mask is None:  # decode: one new token attending to everything cached
                 out = decode_attention(q, cache.k[layer], cache.v[layer], start + 1)
                 return self.o_proj(out.reshape(B, 1, q_w))
-            if L == 1 and q.dtype == torch.bfloat16 and mask.dtype == torch.bool and mask.shape[1:3] == (1, 1):
+            if L == 1 and mask.dtype == torch.bool and mask.shape[1:3] == (1, 1) \
+                    and _native_attention_ok(q, cache.k[layer], cache.v[layer]):
                 # batched decode: the mask (B, 1, 1, S) only hides each row's left padding
-                out = native.decode_attention(q, cache.k[layer], cache.v[layer], start + 1, mask[:, 0, 0])
-                if out is not None:
-                    return self.o_proj(out.reshape(B, 1, q_w))
+                out = ops.decode_attention(q, cache.k[layer], cache.v[layer], start + 1, mask[:, 0, 0])
+                return self.o_proj(out.reshape(B, 1, q_w))
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import native
+from ..kernels import native, ops
 from ..errors import CheckpointError, Phi3VError
 
 SCHEMES = ("int8", "int4")
@@ -282,9 +282,7 @@ class WeightOnlyInt8Linear(nn.Module):
         # The native int8 kernel wins for one row (decode: ~1.5x torch's); for 2+ rows torch's
         # _weight_int8pack_mm is faster on AVX-512 BF16 (measured: 8 rows 0.43 s vs 0.70 s per forward).
         if self._native_scales is not None and M == 1:
-            y = native.gemv_int8(self.qweight, self._native_scales, x2)
-            if y is not None:
-                return y
+            return ops.gemv_int8(self.qweight, self._native_scales, x2)  # phi3v::gemv_int8
         if M < PREFILL_ROWS["int8"]:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._kernel_scales)
             return y.to(x2.dtype)
@@ -388,9 +386,7 @@ class WeightOnlyInt4Linear(nn.Module):
     def _native_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) in x2's dtype: the streaming kernel for few rows, else dequantize + GEMM."""
         if x2.shape[0] <= native.MAX_ROWS:
-            y = native.gemv_int4(self.qweight, self.scales, self.zeros, x2, self.group_size)
-            if y is not None:
-                return y
+            return ops.gemv_int4(self.qweight, self.scales, self.zeros, x2, self.group_size)  # phi3v::gemv_int4
         w = native.dequant_int4_bf16(self.qweight, self.scales, self.zeros, self.group_size)
         if w is None:
             w = self.dequantized(torch.bfloat16)
