@@ -15,6 +15,7 @@ from .arguments import (HelpFormatter, answer_parent, constraint_kwargs, generat
                         options_from_args, output_parent, structured_parent)
 from .images import open_cli_images
 from .loading import dtype_name, load_model_from_args
+from .stdin_prompt import prompt_from_stdin
 from .output import finish_answer, format_timings, note, print_json
 from .streaming import stream_answer
 
@@ -50,6 +51,7 @@ EXAMPLES = {
   phi3v ask photo.jpg -p "How many people are in this picture?"
   phi3v ask a.png b.png -p "Which of the two images is brighter?"
   phi3v ask -p "Write a haiku about autumn."            (text only)
+  echo "What is in this picture?" | phi3v ask photo.jpg  (the question from stdin; also -p -)
   phi3v ask https://example.com/cat.jpg -p "What breed?" --temperature 0.7 --seed 1
   phi3v ask photo.jpg -p "Is there a dog?" --choices yes,no
   phi3v ask receipt.png -p "The total?" --regex '[0-9]+\\.[0-9]{2}'
@@ -68,9 +70,11 @@ def register(sub, name: str) -> None:
         p.add_argument("--format", choices=task.formats, default=task.default_format,
                        help="output format (default: %(default)s)")
     if name == "ask":
-        p.add_argument("-p", "--prompt", required=True, metavar="QUESTION", help="the question")
+        p.add_argument("-p", "--prompt", default=None, metavar="QUESTION",
+                       help="the question; - reads it from stdin, as does a pipe when -p is absent")
     else:
-        p.add_argument("--prompt", default=None, metavar="TEXT", help="use TEXT instead of the built-in prompt")
+        p.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="use TEXT instead of the built-in prompt (- reads it from stdin)")
         p.add_argument("--show-prompt", action="store_true", help="print the prompt and exit")
     p.set_defaults(func=run, check=check_usage, show_prompt=False, parser=p)
 
@@ -83,6 +87,7 @@ def check_usage(args) -> None:
         args.parser.error("an IMAGE is required (a path, - for stdin, or a URL)")
     if args.command == "compare" and len(args.images) < 2 and not args.show_prompt:
         args.parser.error(f"compare needs at least two images, got {len(args.images)}")
+    prompt_from_stdin(args, required=args.command == "ask")  # -p -, or `echo question | phi3v ask`
     if args.command == "ask" and not args.prompt.strip():
         args.parser.error("the --prompt is empty")
 
