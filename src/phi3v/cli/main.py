@@ -11,6 +11,7 @@ a command runs, so `phi3v --help`, every `phi3v COMMAND --help` and usage errors
     serve.py     serve                                  batch.py     batch
     quantize.py  quantize                               bench.py     bench
     config_command.py  config (defaults from the environment and the config file: configuration.py)
+    completion.py  completion (bash, zsh, fish scripts made from these parsers)
 
 Shared: arguments.py (option groups, argument types), running.py (errors, hints, exit codes),
 loading.py (--model etc. -> phi3v.load), streaming.py, output.py, images.py.
@@ -22,7 +23,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import answer, batch, bench, chat, config_command, download, extract, info, quantize, serve
+from . import answer, batch, bench, chat, completion, config_command, download, extract, info, quantize, serve
 from .running import run_parsed
 
 # command -> the module that registers it; the order of `phi3v --help`
@@ -41,6 +42,7 @@ COMMANDS = {
     "quantize": quantize,
     "bench": bench,
     "config": config_command,
+    "completion": completion,
 }
 
 MAIN_EPILOG = """examples:
