@@ -15,6 +15,7 @@ from .arguments import (HelpFormatter, answer_parent, constraint_kwargs, generat
                         options_from_args, output_parent, structured_parent)
 from .images import open_cli_images
 from .loading import dtype_name, load_model_from_args
+from .remote import add_server_flag
 from .stdin_prompt import prompt_from_stdin
 from .output import finish_answer, format_timings, note, print_json
 from .streaming import stream_answer
@@ -55,7 +56,8 @@ EXAMPLES = {
   phi3v ask https://example.com/cat.jpg -p "What breed?" --temperature 0.7 --seed 1
   phi3v ask photo.jpg -p "Is there a dog?" --choices yes,no
   phi3v ask receipt.png -p "The total?" --regex '[0-9]+\\.[0-9]{2}'
-  phi3v ask receipt.png -p "Read the receipt." --schema receipt.schema.json""",
+  phi3v ask receipt.png -p "Read the receipt." --schema receipt.schema.json
+  phi3v ask photo.jpg -p "What is this?" --server http://127.0.0.1:8000   (a running phi3v serve answers)""",
 }
 
 
@@ -76,6 +78,7 @@ def register(sub, name: str) -> None:
         p.add_argument("--prompt", default=None, metavar="TEXT",
                        help="use TEXT instead of the built-in prompt (- reads it from stdin)")
         p.add_argument("--show-prompt", action="store_true", help="print the prompt and exit")
+    add_server_flag(p)  # --server URL: a running `phi3v serve` answers (cli/remote.py)
     p.set_defaults(func=run, check=check_usage, show_prompt=False, parser=p)
 
 
@@ -101,8 +104,13 @@ def run(args) -> int:
     options = options_from_args(args)
     if not constraint_kwargs(args):  # table --format json: the table's shape
         args.schema = tasks.task_schema(args.command, getattr(args, "format", None))
-    model = load_model_from_args(args)
-    completion = stream_answer(model, source_for(prompt, images, args.system), options, images, args)
+    if args.server:  # a running `phi3v serve` answers: no model load here (cli/remote.py)
+        from .remote import remote_answer
+
+        model, completion = remote_answer(args, prompt, images, options)
+    else:
+        model = load_model_from_args(args)
+        completion = stream_answer(model, source_for(prompt, images, args.system), options, images, args)
     report(args, model, completion, prompt, images)
     check_structured(args, completion)
     return 0
