@@ -9,6 +9,7 @@ from .errors import (
     PromptError,
     PromptTooLongError,
     TooManyImagesError,
+    VideoError,
 )
 from .options import GenerationOptions
 from .results import Completion, Timings, Usage

@@ -19,7 +19,7 @@ import torch
 
 from .engine import chat_template as chat_format
 from .engine.config import Phi3VConfig
-from .errors import Phi3VError, PromptTooLongError, TooManyImagesError
+from .errors import Phi3VError, PromptError, PromptTooLongError, TooManyImagesError
 from .engine.constraints import Grammars, OutputFormat, parse_output
 from .engine.generate import DecodeLoop, Row
 from .engine.image_features import ImageFeatures
@@ -31,6 +31,9 @@ from .engine.prefix_cache import ConversationCache
 from .engine.prompt import PreparedPrompt
 from .engine.streams import BatchStream, TextStream, cancelled_completion
 from .engine.text import TextAssembler
+from .engine.frame_select import VIDEO_NUM_CROPS, FrameSelection
+from .engine.video_input import RequestVideos, has_video_parts, labelled_prompt
+from .engine.video_plan import check_video_fits
 from .results import Completion, Timings
 from .engine.tokenizer import Tokenizer
 
@@ -99,39 +102,57 @@ class Phi3V:
     # Structured output (ask, chat, stream): json_schema= a dict, a JSON string, a pydantic model class
     # (then reply.parsed is its instance) or "json_object" (any JSON object); regex= a pattern;
     # choices= a list of strings. The answer follows it token by token (engine/constraints.py).
+    #
+    # Video (docs/video.md): video= a file, an animated GIF/WebP, a folder of frames or a data: URI,
+    # its frames chosen by frames= N or fps= F within [start, end) seconds (engine/frame_select.py),
+    # num_crops 4 unless given; time_labels=True adds "frame k at MM:SS" lines before the question.
+    # In messages: {"type": "video_url", "video_url": {"url": ...}} or {"type": "video", "video": ...}.
     def ask(self, prompt: str, images: Sequence[Any] = (), *, system: str | None = None,
             image_policy: ImageSourcePolicy | None = None, json_schema: Any = None, regex: str | None = None,
-            choices: Sequence[str] | None = None, **options) -> Completion:
+            choices: Sequence[str] | None = None, video: Any = None, frames: int | None = None,
+            fps: float | None = None, start: float | None = None, end: float | None = None,
+            time_labels: bool = False, **options) -> Completion:
         opts = GenerationOptions.from_kwargs(**options)
         fmt = OutputFormat.from_options(json_schema, regex, choices)
         prepared = self.prepare(prompt=prompt, images=_image_list(images), system=system, num_crops=opts.num_crops,
-                                image_policy=image_policy)
+                                image_policy=image_policy, video=video,
+                                video_selection=FrameSelection(frames, fps, start, end, time_labels))
         return self.generate(prepared, opts, output_format=fmt, parse_as=_model_class(json_schema))
 
     def chat(self, messages: list[dict], *, image_policy: ImageSourcePolicy | None = None, json_schema: Any = None,
-             regex: str | None = None, choices: Sequence[str] | None = None, **options) -> Completion:
+             regex: str | None = None, choices: Sequence[str] | None = None, frames: int | None = None,
+             fps: float | None = None, start: float | None = None, end: float | None = None,
+             time_labels: bool = False, **options) -> Completion:
+        """frames / fps / start / end / time_labels: the default selection of the messages' video parts."""
         opts = GenerationOptions.from_kwargs(**options)
         fmt = OutputFormat.from_options(json_schema, regex, choices)
-        prepared = self.prepare(messages=messages, num_crops=opts.num_crops, image_policy=image_policy)
+        prepared = self.prepare(messages=messages, num_crops=opts.num_crops, image_policy=image_policy,
+                                video_selection=FrameSelection(frames, fps, start, end, time_labels))
         return self.generate(prepared, opts, output_format=fmt, parse_as=_model_class(json_schema))
 
     def stream(self, prompt_or_messages: str | list, images: Sequence[Any] = (), *, system: str | None = None,
                image_policy: ImageSourcePolicy | None = None, json_schema: Any = None, regex: str | None = None,
-               choices: Sequence[str] | None = None, **options) -> TextStream:
+               choices: Sequence[str] | None = None, video: Any = None, frames: int | None = None,
+               fps: float | None = None, start: float | None = None, end: float | None = None,
+               time_labels: bool = False, **options) -> TextStream:
         opts = GenerationOptions.from_kwargs(**options)
         fmt = OutputFormat.from_options(json_schema, regex, choices)
+        selection = FrameSelection(frames, fps, start, end, time_labels)
         if isinstance(prompt_or_messages, list):
-            prepared = self.prepare(messages=prompt_or_messages, num_crops=opts.num_crops, image_policy=image_policy)
+            prepared = self.prepare(messages=prompt_or_messages, num_crops=opts.num_crops, image_policy=image_policy,
+                                    video_selection=selection)
         else:
             prepared = self.prepare(prompt=prompt_or_messages, images=_image_list(images), system=system,
-                                    num_crops=opts.num_crops, image_policy=image_policy)
+                                    num_crops=opts.num_crops, image_policy=image_policy, video=video,
+                                    video_selection=selection)
         return self.generate_stream(prepared, opts, output_format=fmt, parse_as=_model_class(json_schema))
 
     # -- lower level ----------------------------------------------------------------------------
     def prepare(self, messages: list[dict] | None = None, prompt: str | None = None, images: Sequence[Any] = (),
                 system: str | None = None, num_crops: int | None = None,
                 image_policy: ImageSourcePolicy | None = None, max_images: int | None = None,
-                raw_prompt: str | None = None, special_tokens_in_text: bool = False) -> PreparedPrompt:
+                raw_prompt: str | None = None, special_tokens_in_text: bool = False, video: Any = None,
+                video_selection: FrameSelection | None = None) -> PreparedPrompt:
         """Render the prompt, open and preprocess the images, build the input ids.
 
         Exactly one of: `messages` (OpenAI-style), `prompt` (one user turn; images go first unless
@@ -143,27 +164,60 @@ class Phi3V:
         end a turn or start another role's. `<|image_N|>` tags still work (they are placeholders,
         not tokens). special_tokens_in_text=True honours them as tokens, as the reference processor
         does; `raw_prompt` is always encoded as written.
+
+        video (with `prompt` or `raw_prompt`; after `images`) and the video parts of `messages`:
+        their frames (video_selection) become images, num_crops 4 unless given for the whole
+        prompt; a prompt that cannot fit the context is refused before any frame is decoded.
         """
         t0 = time.perf_counter()
+        policy = image_policy or self.image_policy
+        videos = None
+        if video is not None or (messages is not None and has_video_parts(messages)):
+            num_crops = num_crops or VIDEO_NUM_CROPS  # the model card's multi-frame setting
+            videos = RequestVideos(policy, num_crops, self.context_length)
+        try:
+            return self._prepare(t0, policy, videos, video, video_selection, messages, prompt, images, system,
+                                 num_crops, max_images, raw_prompt, special_tokens_in_text)
+        finally:
+            if videos is not None:
+                videos.close()
+
+    def _prepare(self, t0, policy, videos, video, selection, messages, prompt, images, system, num_crops,
+                 max_images, raw_prompt, special_tokens_in_text) -> PreparedPrompt:
         plain_spans: tuple = ()
         if messages is not None:
+            if video is not None:
+                raise PromptError("video= goes with a prompt; in messages give a video part "
+                                  "({'type': 'video_url', 'video_url': {'url': ...}})")
+            if videos is not None:
+                messages = videos.expand_messages(messages, selection)
             prompt_text, sources, plain_spans = chat_format.render_chat(messages)
-        elif raw_prompt is not None:
-            prompt_text, sources = raw_prompt, list(images)
         else:
             sources = list(images)
-            prompt_text, _, plain_spans = chat_format.render_prompt_chat(prompt or "", len(sources), system=system)
+            if video is not None:
+                sources += videos.add(video, selection)
+                if selection is not None and selection.time_labels and raw_prompt is None:
+                    prompt = labelled_prompt(prompt or "", videos.plans[-1])
+            if raw_prompt is not None:
+                prompt_text = raw_prompt
+            else:
+                prompt_text, _, plain_spans = chat_format.render_prompt_chat(prompt or "", len(sources), system=system)
         if special_tokens_in_text:
             plain_spans = ()
         if max_images is not None and len(sources) > max_images:
             raise TooManyImagesError(f"{len(sources)} images given, at most {max_images} allowed")
         chat_format.check_image_tags(prompt_text, len(sources))
-        policy = image_policy or self.image_policy
         batch, keys = None, None
         if sources:
             crops = num_crops or self.config.preprocessor.num_crops
-            # Every header checked against the pixel budgets first, then one image decoded at a time.
-            batch, keys = self.images.preprocess(open_images(sources, policy, crops), crops)
+            if videos is not None:  # the planned tokens (images count 1 here: a lower bound) against the context
+                planned = chat_format.build_input_ids(self.tokenizer, prompt_text, videos.planned_tokens(sources),
+                                                      plain_spans)
+                check_video_fits(videos.plans, len(planned), self.context_length)
+                media = videos.open_media(sources, policy, crops)
+            else:  # every header checked against the pixel budgets first, then one image decoded at a time
+                media = open_images(sources, policy, crops)
+            batch, keys = self.images.preprocess(media, crops)
         ids = chat_format.build_input_ids(self.tokenizer, prompt_text, batch.num_img_tokens if batch else [],
                                           plain_spans)
         return PreparedPrompt(ids, batch, prompt_text, time.perf_counter() - t0, keys)

@@ -13,6 +13,11 @@ class ImageError(Phi3VError):
     """An image could not be read or used (unreadable, unsupported, too large, bad base64...)."""
 
 
+class VideoError(ImageError):
+    """A video (file, animated image, frame folder) cannot be read or its frames cannot be chosen.
+    An ImageError: entry points that report bad images report bad videos the same way."""
+
+
 class TooManyImagesError(Phi3VError):
     """More images than the caller's limit allows."""
 
