@@ -50,12 +50,17 @@ class LongRoPE(nn.Module):
         self.has_long = cfg.rope_long_factor is not None
         self.mscale = cfg.rope_mscale
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, L) int64 -> cos, sin (B, 1, L, D) in `dtype`, mscale included."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, L) int64 -> cos, sin (B, 1, L, D) in `dtype`, mscale included.
+        seq_len: the length the sequence has once the whole call sequence is in (a prompt
+        prefilled in chunks: its full length, so an early chunk is rotated with the factors of the
+        whole prompt, as one pass would); None = this call's largest position + 1, per row."""
         inv = self.inv_freq_short.expand(positions.shape[0], -1)  # (B, D/2)
         if self.has_long:
             # One host sync for the B (<= a few) row lengths, then the rule per row.
-            long_rows = [self.uses_long_rope(n) for n in (positions.amax(dim=1) + 1).tolist()]
+            lengths = [seq_len] * positions.shape[0] if seq_len is not None else (positions.amax(dim=1) + 1).tolist()
+            long_rows = [self.uses_long_rope(n) for n in lengths]
             if any(long_rows):
                 use_long = torch.tensor(long_rows, device=positions.device)  # (B,)
                 inv = torch.where(use_long[:, None], self.inv_freq_long, self.inv_freq_short)

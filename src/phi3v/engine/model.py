@@ -62,17 +62,19 @@ class Phi3VForCausalLM(nn.Module):
         positions: torch.Tensor,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        rope_len: int | None = None,
     ) -> torch.Tensor:
         """embeds (B, L, hidden), positions (B, L) -> final-normed hidden states (B, L, hidden).
 
         With a cache, the new keys/values are written at slots [cache.length, cache.length + L)
-        and cache.length advances.
+        and cache.length advances.  rope_len: the sequence length that picks the RoPE factors
+        (a chunk of a longer prompt: the prompt's length; None = this call's, decoder.LongRoPE).
         """
         start = 0
         if cache is not None:
             start = cache.length
             cache.reserve(start + embeds.shape[1])
-        cos, sin = self.model.rotary(positions.to(embeds.device), embeds.dtype)
+        cos, sin = self.model.rotary(positions.to(embeds.device), embeds.dtype, rope_len)
         h = embeds
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, cache, i, start, mask)
