@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .local_models import find_in_models_dir
 from .output import Spinner, is_tty, note
 
 
@@ -22,6 +23,9 @@ def load_model_from_args(args):
     dtype = None if args.dtype in (None, "auto") else args.dtype
     show = not getattr(args, "quiet", False) and is_tty(sys.stderr)
     revision = getattr(args, "revision", None)
+    local = find_in_models_dir(args.model)  # a quantized copy in $PHI3V_HOME/models, by its name
+    if local is not None:
+        args.model = str(local)
     folder = resolve_model_dir(args.model, progress=show, revision=revision)
     start = time.perf_counter()
     with Spinner(f"loading {args.model}", enabled=show):

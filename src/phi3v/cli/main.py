@@ -12,6 +12,7 @@ a command runs, so `phi3v --help`, every `phi3v COMMAND --help` and usage errors
     quantize.py  quantize                               bench.py     bench
     config_command.py  config (defaults from the environment and the config file: configuration.py)
     completion.py  completion (bash, zsh, fish scripts made from these parsers)
+    models.py    list, rm (the models on this machine: local_models.py)
 
 Shared: arguments.py (option groups, argument types), running.py (errors, hints, exit codes),
 loading.py (--model etc. -> phi3v.load), streaming.py, output.py, images.py.
@@ -23,7 +24,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import answer, batch, bench, chat, completion, config_command, download, extract, info, quantize, serve
+from . import answer, batch, bench, chat, completion, config_command, download, extract, info, models, quantize, serve
 from .running import run_parsed
 
 # command -> the module that registers it; the order of `phi3v --help`
@@ -43,6 +44,8 @@ COMMANDS = {
     "bench": bench,
     "config": config_command,
     "completion": completion,
+    "list": models,
+    "rm": models,
 }
 
 MAIN_EPILOG = """examples:

@@ -40,7 +40,9 @@ def register(sub, name: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="float checkpoint: a local folder or a hub id")
-    p.add_argument("output", help="folder to write (must not exist or be empty)")
+    p.add_argument("output", nargs="?", default=None,
+                   help="folder to write (must not exist or be empty; default: $PHI3V_HOME/models/NAME-SCHEME, "
+                        "which `phi3v list` shows and --model NAME-SCHEME finds)")
     p.add_argument("--scheme", choices=("int8", "int4"), required=True, help="quantization scheme")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="int4: inputs per scale/zero pair, a power of two >= 16 (default 128)")
@@ -69,8 +71,8 @@ def run(args) -> int:
             print(f"\rquantizing tensor {done}/{total}", end="", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    out = quantize_checkpoint(src, args.output, qc, shard_bytes=int(args.shard_size_gb * 2**30),
-                              progress=progress)
+    output = args.output or default_output(args.source, args.scheme)  # $PHI3V_HOME/models/NAME-SCHEME
+    out = quantize_checkpoint(src, output, qc, shard_bytes=int(args.shard_size_gb * 2**30), progress=progress)
     if show:
         print(file=sys.stderr)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -78,6 +80,14 @@ def run(args) -> int:
         note(f"wrote {qc.label()} checkpoint {out} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f}s")
     print(out)
     return 0
+
+
+def default_output(source: str, scheme: str):
+    """$PHI3V_HOME/models/<the source's last name>-<scheme> (cli/local_models.py)."""
+    from .local_models import models_dir
+
+    name = source.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "model"
+    return models_dir() / f"{name}-{scheme}"
 
 
 def main(argv=None) -> int:
