@@ -67,7 +67,7 @@ def test_list_shows_phi3v_models_of_the_hub_cache_with_size_and_dtype(cli, hub_c
     size = sum(p.stat().st_size for p in tiny_model_dir.rglob("*") if p.is_file())
     assert model["source"] == "hub cache" and model["size_bytes"] == size == report["total_bytes"]
     assert model["dtype"] == json.loads((tiny_model_dir / "config.json").read_text())["torch_dtype"]
-    assert model["quantization"] is None
+    assert model["quantization"] is None and model["complete"]
     code, out, err = cli("list")
     assert code == 0 and "test/tiny-phi3v" in out and "hub cache" in out
     assert out.splitlines()[-1].startswith("1 model, ") and out.splitlines()[-1].endswith(" in all")
@@ -90,13 +90,18 @@ def test_quantize_without_output_writes_to_the_models_folder_that_list_and_model
     assert json.loads(out)["model"] == str(written)
 
 
-def test_list_looks_in_folders_given(cli, tiny_model_dir, tmp_path):
+def test_list_looks_in_folders_given_and_marks_folders_without_weights(cli, tiny_model_dir, tmp_path):
     parent = tmp_path / "checkpoints"
     shutil.copytree(tiny_model_dir, parent / "mine")
     (parent / "not-a-model").mkdir()
+    (parent / "cut-short").mkdir()
+    shutil.copy(tiny_model_dir / "config.json", parent / "cut-short")
     report = listing(cli, parent)
-    assert [m["name"] for m in report["models"]] == [str(parent / "mine")]
+    assert [(m["name"], m["complete"]) for m in report["models"]] == [(str(parent / "cut-short"), False),
+                                                                      (str(parent / "mine"), True)]
     assert report["models"][0]["source"] == "folder"
+    code, out, err = cli("list", parent)
+    assert "folder (incomplete: no weights)" in out.splitlines()[1]
 
 
 def test_rm_asks_first_and_deletes_a_models_folder_copy(cli, tiny_model_dir):

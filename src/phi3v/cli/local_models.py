@@ -45,6 +45,7 @@ class LocalModel:
     dtype: str | None  # config.json torch_dtype
     quantization: str | None  # "int4 (group 128)", "int8", or None for a float checkpoint
     revisions: tuple[str, ...] = ()  # hub cache: the commits held (rm deletes them all)
+    complete: bool = True  # weights present (a download or quantize cut short leaves a folder without them)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,7 +88,11 @@ def describe_folder(folder: Path, name: str, source: str) -> LocalModel | None:
     if cfg is None:
         return None
     return LocalModel(name, source, str(folder), folder_size(folder), cfg.get("torch_dtype"),
-                      quantization_label(cfg))
+                      quantization_label(cfg), complete=has_weights(folder))
+
+
+def has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
 
 
 def scan_hub_cache():
@@ -115,7 +120,8 @@ def hub_cache_models() -> list[LocalModel]:
             continue
         out.append(LocalModel(repo.repo_id, "hub cache", str(repo.repo_path), repo.size_on_disk,
                               cfg.get("torch_dtype"), quantization_label(cfg),
-                              tuple(r.commit_hash for r in repo.revisions)))
+                              tuple(r.commit_hash for r in repo.revisions),
+                              complete=has_weights(Path(newest.snapshot_path))))
     return out
 
 

@@ -65,7 +65,8 @@ def run_list(args) -> int:
     if not models:
         note(f"no phi3v models found (looked in the Hugging Face cache and {models_dir()})")
         return 0
-    rows = [(m.name, human_size(m.size_bytes), m.dtype or "?", m.quantization or "-", m.source, m.path) for m in models]
+    rows = [(m.name, human_size(m.size_bytes), m.dtype or "?", m.quantization or "-",
+             m.source + ("" if m.complete else " (incomplete: no weights)"), m.path) for m in models]
     head = ("NAME", "SIZE", "DTYPE", "QUANTIZATION", "WHERE", "PATH")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
     for row in [head, *rows]:
