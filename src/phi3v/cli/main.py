@@ -10,6 +10,7 @@ a command runs, so `phi3v --help`, every `phi3v COMMAND --help` and usage errors
     download.py  download                               info.py      info
     serve.py     serve                                  batch.py     batch
     quantize.py  quantize                               bench.py     bench
+    eval.py      eval (accuracy on labelled images, variants compared)
     config_command.py  config (defaults from the environment and the config file: configuration.py)
     completion.py  completion (bash, zsh, fish scripts made from these parsers)
     models.py    list, rm (the models on this machine: local_models.py)
@@ -24,7 +25,8 @@ import argparse
 import sys
 
 from .. import __version__
-from . import answer, batch, bench, chat, completion, config_command, download, extract, info, models, quantize, serve
+from . import (answer, batch, bench, chat, completion, config_command, download, eval, extract, info,
+               models, quantize, serve)
 from .running import run_parsed
 
 # command -> the module that registers it; the order of `phi3v --help`
@@ -42,6 +44,7 @@ COMMANDS = {
     "batch": batch,
     "quantize": quantize,
     "bench": bench,
+    "eval": eval,
     "config": config_command,
     "completion": completion,
     "list": models,
