@@ -51,7 +51,7 @@ def test_every_command_of_the_table_is_registered_with_help(capsys):
     sub = next(a for a in parser._actions if a.dest == "command")
     assert list(sub.choices) == list(cli.COMMANDS)
     assert {"describe", "ocr", "table", "compare", "ask", "extract", "chat", "download", "info", "serve", "batch",
-            "quantize", "bench", "config", "completion", "list", "rm"} == set(cli.COMMANDS)
+            "quantize", "bench", "eval", "config", "completion", "list", "rm"} == set(cli.COMMANDS)
     for name in cli.COMMANDS:
         with pytest.raises(SystemExit) as exc:
             parse([name, "--help"])
