@@ -192,13 +192,19 @@ def test_stream_yields_row_deltas_and_close_cancels(model):
 
 def test_image_repeated_across_rows_is_encoded_once(tiny_model_dir):
     m = load(tiny_model_dir, image_cache_mb=0, prefix_cache=False)
-    calls = []
-    m.module.model.vision_embed_tokens.register_forward_hook(lambda mod, a, out: calls.append(int(a[1].shape[0])))
+    projected, crops = [], []  # one projector call per image encoded; crops per CLIP call
+    vision = m.module.model.vision_embed_tokens
+    vision.img_projection.register_forward_hook(lambda mod, a, out: projected.append(int(a[0].shape[0])))
+    vision.img_processor.vision_model.register_forward_hook(lambda mod, a, out: crops.append(int(a[0].shape[0])))
     img = picture(6)
     prepared = [m.prepare(prompt="A", images=[img]), m.prepare(prompt="B", images=[img, picture(7)]),
                 m.prepare(prompt="C", images=[picture(8, 200, 420)], num_crops=4)]
     m.generate_batch(prepared, Opts(max_new_tokens=2))
-    assert sorted(calls) == [1, 2], "one vision call per crop count, the repeated image once"
+    distinct = [prepared[1].images, prepared[2].images]  # img and picture 7, picture 8
+    want_tokens = sorted(n for b in distinct for n in b.num_img_tokens)
+    assert sorted(projected) == want_tokens, "each distinct image encoded once, the repeated one too"
+    want_crops = sum(1 + (int(h) // 336) * (int(w) // 336) for b in distinct for h, w in b.image_sizes.tolist())
+    assert sum(crops) == want_crops and max(crops) <= vision.vision_chunk
 
 
 @pytest.mark.parametrize("style", ["phi3v", "phi35v"])

@@ -23,6 +23,7 @@ from .errors import Phi3VError, PromptError, PromptTooLongError, TooManyImagesEr
 from .engine.constraints import Grammars, OutputFormat, parse_output
 from .engine.generate import DecodeLoop, Row
 from .engine.image_features import ImageFeatures
+from .engine.vision import DEFAULT_VISION_CHUNK
 from .engine.image import ImageSourcePolicy, open_images
 from .engine.loader import load_engine
 from .engine.model import Phi3VForCausalLM
@@ -61,7 +62,8 @@ class Phi3V:
              revision: str | None = None, image_policy: ImageSourcePolicy | None = None,
              max_context: int | None = None, image_cache_mb: float = 512, prefix_cache: bool = True,
              quantize: str | None = None, rope_switch: str | None = None,
-             low_memory: bool | None = None, model_dir: str | Path | None = None) -> Phi3V:
+             low_memory: bool | None = None, model_dir: str | Path | None = None,
+             vision_chunk: int | None = DEFAULT_VISION_CHUNK) -> Phi3V:
         """Load a checkpoint folder or hub id (phi3v.engine.loader). dtype None = bfloat16
         (float32 on MPS); any of phi3v.engine.devices.DTYPES' names.
 
@@ -78,13 +80,18 @@ class Phi3V:
         re-read from the page cache at the next image). None = on for quantized models.
         model_dir: the folder `model` was already resolved to (the CLI resolves first, to show a
         download's progress); `model` then only names the model (Phi3V.name).
+        vision_chunk: image crops per vision-tower call (None or 0: all of a request's crops in one
+        call); smaller pieces bound the tower's activation memory, and are what a server encodes
+        between two decode steps of the requests already running (model.images.vision_chunk).
         """
         loaded = load_engine(model, device=device, dtype=dtype, revision=revision, progress=progress,
                              quantize=quantize, rope_switch=rope_switch, model_dir=model_dir)
         if low_memory is None:
             low_memory = getattr(loaded.module, "quantization", None) is not None
-        return cls(loaded.module, loaded.config, loaded.tokenizer, str(model), loaded.model_dir, image_policy,
+        made = cls(loaded.module, loaded.config, loaded.tokenizer, str(model), loaded.model_dir, image_policy,
                    max_context, image_cache_mb=image_cache_mb, prefix_cache=prefix_cache, low_memory=low_memory)
+        made.images.vision_chunk = vision_chunk
+        return made
 
     @property
     def device(self) -> torch.device:
@@ -311,23 +318,32 @@ class Phi3V:
 
         return BatchStream(self.new_loop(), make_rows, [self._not_started(p) for p in prepared])
 
-    def new_loop(self, logits_hook=None, prefill_chunk: int | None = None) -> DecodeLoop:
-        """A generation loop on this model (rows can join and leave between its steps);
-        prefill_chunk: prompt tokens prefilled per step at most (None: whole prompts)."""
-        return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook, prefill_chunk)
+    def new_loop(self, logits_hook=None, prefill_chunk: int | None = None,
+                 vision_chunk: int | None = None) -> DecodeLoop:
+        """A generation loop on this model (rows can join and leave between its steps). While
+        rows are running, a newcomer prefills at most prefill_chunk prompt tokens per step (None:
+        whole prompts) and encodes at most vision_chunk image crops per step (None: the model's
+        vision_chunk; 0: all at once); with none running, whole prompts and the model's pieces."""
+        return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook, prefill_chunk,
+                          vision_chunk)
 
     def start_row(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
                   reuse_conversation: bool = False, output_format: OutputFormat | None = None,
                   parse_as: type | None = None) -> Row:
         """A Row ready to add to a new_loop() loop: options fitted to the context, image features
-        computed (through the caches; this is the vision tower's time), text assembly with the stop
+        from the caches, or a FeatureJob (row.features) that the loop runs a piece at a time (at
+        most vision_chunk crops per step, so others keep decoding), text assembly with the stop
         rules. reuse_conversation: start from the retained conversation's KV prefix when it
         matches, and keep this row's cache when it ends (call end_row then)."""
         options = self._fit(prepared, options or GenerationOptions())
         self.check_fits(prepared)
         row = self._row(prepared, options, [], time.perf_counter() - prepared.preprocess_s)
         t0 = time.perf_counter()
-        row.image_embeds = self.images.for_prompts([prepared])[0]
+        job = self.images.start([prepared])  # content keys now (the retained conversation is found by them)
+        if job.done:
+            row.image_embeds = job.features[0]
+        else:
+            row.features = job
         row.timings.vision_s = time.perf_counter() - t0
         if output_format is not None:
             row.constraint = self.grammars.start(output_format)

@@ -72,6 +72,10 @@ class ImageFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: str) -> bool:
+        """Whether key is held now (not counted as a lookup; a get() may still miss after it)."""
+        return key in self._entries
+
     def get(self, key: str):
         with self._lock:
             entry = self._entries.get(key)

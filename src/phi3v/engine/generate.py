@@ -5,10 +5,14 @@ rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
 
     1. feed     the token each running row sampled last step goes through the decoder, all rows
                 in one call (RunningBatch); a Phi-3.5-vision row crossing 4096 is re-prefilled
-    2. admit    rows added since the last step are prefilled, each alone (reusing a cached prefix
-                when it brings one), and join the running batch; with `prefill_chunk`, at most
-                that many prompt tokens are prefilled per step, so a long prompt joining does
-                not stall the others' streams (it joins after a few steps)
+    2. admit    rows added since the last step, first come first served: a row whose image
+                features are still to compute (Row.features) runs one piece of its vision tower
+                (at most vision_chunk crops); a row with its features is prefilled alone (reusing
+                a cached prefix when it brings one) and joins the running batch. While rows are
+                running, a step does one piece of such newcomer work at most: one vision piece,
+                or prefill of at most `prefill_chunk` prompt tokens, so a newcomer never stalls
+                the others' streams for long (it joins after a few steps). With nothing running
+                a prompt is prefilled whole, and every waiting row with its features joins.
     3. sample   every running row picks its next token, pushes it to its text, and leaves the
                 batch when it is done (stop id, stop string, max_new_tokens)
 
@@ -64,6 +68,9 @@ class Row:
     cache: KVCache | None = None  # a one-row cache whose first `reuse_prefix` slots hold this prompt's prefix
     reuse_prefix: int = 0
     retain: bool = False  # keep the row's KV cache in `kv` when it ends (a follow-up may reuse it)
+    # Image features still to compute (image_features.FeatureJob: step() -> True once done, then
+    # .features[0] is image_embeds); the loop steps it a piece at a time before prefilling.
+    features: Any = None
     timings: Timings = field(default_factory=Timings)
     started: float = field(default_factory=time.perf_counter)  # request start, for first_token_s
 
@@ -107,15 +114,19 @@ class DecodeLoop:
     """Rows decoding together; see the module docstring. Not thread-safe: one thread steps it."""
 
     def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
-                 logits_hook=None, prefill_chunk: int | None = None):
+                 logits_hook=None, prefill_chunk: int | None = None, vision_chunk: int | None = None):
         """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
         logits) sees the float32 logits each token is chosen from (for tests). prefill_chunk:
-        prompt tokens prefilled per step at most (None: whole prompts at once). A prompt longer
+        prompt tokens prefilled per step at most while other rows are running (None: whole prompts
+        at once; with no row running a prompt is always prefilled whole). A prompt longer
         than original_max_position_embeddings is prefilled at once all the same: its every
-        position is rotated with the long factors, which a call over a shorter chunk would not do."""
+        position is rotated with the long factors, which a call over a shorter chunk would not do.
+        vision_chunk: image crops a newcomer encodes per step while other rows are running (one
+        vision-tower call; 0: all at once); None, or with no row running: the tower's own
+        vision_chunk (phi3v.load(vision_chunk=...), which bounds its memory)."""
         self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
         self.logits_hook = logits_hook
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.vision_chunk = prefill_chunk, vision_chunk
         self.batch = RunningBatch(model)
         self.running: list[Row] = []  # in batch order
         self.waiting: list[Row] = []
@@ -138,7 +149,7 @@ class DecodeLoop:
             return
         if any(r is row for r in self.waiting):
             self.waiting = [r for r in self.waiting if r is not row]
-            row.cache = row._embeds = None  # a part-prefilled prompt's memory goes now
+            row.cache = row._embeds = row.features = None  # a part-encoded or part-prefilled prompt's memory goes now
         elif any(r is row for r in self.running):
             self._leave({id(row)})
         row.finish_reason = "cancelled"
@@ -181,18 +192,31 @@ class DecodeLoop:
         self._logits = logits
 
     def _admit(self) -> list[Row]:
-        """Prefill waiting rows (first come, first served; each alone) within this step's token
-        budget and add the finished ones to the batch -> rows that failed."""
+        """Work on waiting rows (first come, first served) within this step's budget: one vision
+        piece, or prefill (at most prefill_chunk tokens while rows run); finished rows join the
+        batch -> rows that failed."""
         failed = []
         new_logits = []
-        budget = self.prefill_chunk or None  # None: no limit
-        while self.waiting and (budget is None or budget > 0):
+        running = bool(self.running)  # rows are decoding: protect their next token
+        budget = self.prefill_chunk if running else None  # None: no limit
+        worked = False  # newcomer work done in this step
+        while self.waiting:
             row = self.waiting[0]
             try:
+                if row.features is not None:  # its images first, one piece per step
+                    if worked and (running or self.running):
+                        break
+                    worked = True
+                    if not self._vision_piece(row, self.vision_chunk if running else None) or running:
+                        break  # more pieces to go, or its prefill waits for the next step
+                if budget is not None and budget <= 0:
+                    break
                 logits, used = self._prefill(row, budget)
+                worked = True
             except Exception as err:  # noqa: BLE001 - only this row is concerned
                 self.waiting.pop(0)
-                row.finish_reason, row.error, row._embeds = "error", err, None
+                row.finish_reason, row.error, row._embeds, row.features = "error", err, None, None
+                row.cache = None
                 failed.append(row)
                 continue
             if budget is not None:
@@ -259,6 +283,17 @@ class DecodeLoop:
         return events
 
     # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _vision_piece(row: Row, chunk: int | None) -> bool:
+        """One piece of row's image features (at most `chunk` crops through the tower; None: the
+        tower's vision_chunk) -> True once they are all in (row.image_embeds set)."""
+        t0 = time.perf_counter()
+        done = row.features.step(chunk)
+        row.timings.vision_s += time.perf_counter() - t0
+        if done:
+            row.image_embeds, row.features = row.features.features[0], None
+        return done
+
     @torch.inference_mode()
     def _prefill(self, row: Row, budget: int | None) -> tuple[torch.Tensor | None, int]:
         """Prefill the next part of row's prompt (at most `budget` tokens, unless the prompt needs

@@ -3,19 +3,22 @@
     decoded image --(HD transform, normalise; pixel cache)--> pixel_values (crops+1, 3, 336, 336)
     pixel_values  --(CLIP + projector; feature cache)-------> features (tokens, hidden)
 
-A follow-up about the same picture skips both steps. Misses of several prompts go through the
-vision tower together, one call per crop count, and an image repeated across prompts once.
+A follow-up about the same picture skips both steps. The misses of one or several prompts are a
+FeatureJob: the vision tower runs on at most `vision_chunk` crops per call (the images one after
+the other; an image repeated across prompts once), all at once (run) or a piece per step (step).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import Phi3VError
 from ..kernels.page_out import page_out
 from .config import PreprocessorConfig
 from .feature_cache import ImageFeatureCache, decoded_image_key, image_keys
 from .image import ImageBatch, preprocess, to_rgb
 from .model import Phi3VForCausalLM
+from .vision import ImageEncoding
 
 
 class ImageFeatures:
@@ -61,43 +64,116 @@ class ImageFeatures:
         batch = ImageBatch(pixel_values, torch.stack([e[1] for e in entries]), [e[2] for e in entries])
         return batch, [e[3] for e in entries]
 
+    @property
+    def vision_chunk(self) -> int | None:
+        """Crops per CLIP call (None or 0: every crop of a request in one call); the tower's setting."""
+        return self.module.model.vision_embed_tokens.vision_chunk
+
+    @vision_chunk.setter
+    def vision_chunk(self, crops: int | None) -> None:
+        if crops is not None and (isinstance(crops, bool) or not isinstance(crops, int) or crops < 0):
+            raise Phi3VError(f"vision_chunk must be a whole number of crops >= 0 (0 = all at once), got {crops!r}")
+        self.module.model.vision_embed_tokens.vision_chunk = crops or None
+
     def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
-        """The vision tower, uncached -> one (T_k, hidden) tensor per image on the model's device."""
+        """The vision tower, uncached (at most vision_chunk crops per CLIP call) -> one (T_k, hidden)
+        tensor per image on the model's device."""
         vision = self.module.model.vision_embed_tokens
         with torch.inference_mode():
             feats = vision(pixel_values.to(self.module.lm_head.weight.device), image_sizes)
-        if self.low_memory and self.module.lm_head.weight.device.type == "cpu":
-            page_out(vision.parameters())
+        self._page_out()
         return feats
 
+    def start(self, prepared: list) -> FeatureJob:
+        """The image features of PreparedPrompts: cache hits at once, misses in a FeatureJob to
+        step a piece at a time (or run()). Hashing pixels costs far less than encoding them, so
+        content keys are computed (prepared.image_keys) even with the cache off."""
+        return FeatureJob(self, prepared)
+
     def for_prompts(self, prepared: list) -> list[list[torch.Tensor]]:
-        """Each PreparedPrompt's image features (image k at index k-1). Hashing pixels costs far
-        less than encoding them, so content keys are computed even with the cache off."""
-        out: list[list] = [[None] * len(p.images.num_img_tokens) if p.images is not None else [] for p in prepared]
+        """Each PreparedPrompt's image features (image k at index k-1), computed now; an image
+        repeated across the prompts is encoded once."""
+        return self.start(prepared).run()
+
+    def _page_out(self) -> None:
+        if self.low_memory and self.module.lm_head.weight.device.type == "cpu":
+            page_out(self.module.model.vision_embed_tokens.parameters())
+
+
+class FeatureJob:
+    """The image features of some prompts, the cache misses computed a piece at a time.
+
+    `features[r][k]` is prompt r's image k+1 once `done`. Each step() runs the vision tower once
+    on at most `vision_chunk` crops (ImageEncoding); an image whose features another job put in
+    the feature cache meanwhile is taken from there. A DecodeLoop steps a row's job between its
+    decode steps (Row.features), so a newcomer's images never stall the rows already decoding
+    for more than one piece.
+    """
+
+    def __init__(self, owner: ImageFeatures, prepared: list):
+        self.owner = owner
+        self.features: list[list] = [[None] * len(p.images.num_img_tokens) if p.images is not None else []
+                                     for p in prepared]
+        cache = owner.feature_cache
         misses: dict[str, list[tuple[int, int]]] = {}  # key -> the (prompt, image) places that need it
         for r, p in enumerate(prepared):
             if p.images is None:
                 continue
             if p.image_keys is None:
                 p.image_keys = image_keys(p.images.pixel_values, p.images.image_sizes)
-            for k in range(len(out[r])):
+            for k in range(len(self.features[r])):
                 key = p.image_keys[k]
-                feats = self.feature_cache.get(key) if self.feature_cache.max_bytes > 0 else None
+                feats = cache.get(key) if cache.max_bytes > 0 else None
                 if feats is not None:
-                    out[r][k] = feats
+                    self.features[r][k] = feats
                 else:
                     misses.setdefault(key, []).append((r, k))
-        groups: dict[int, list[str]] = {}  # crops per image -> keys (pixel_values stack only then)
-        for key, places in misses.items():
-            r, k = places[0]
-            groups.setdefault(prepared[r].images.pixel_values.shape[1], []).append(key)
-        for keys in groups.values():
-            first = [misses[key][0] for key in keys]
-            pixels = torch.stack([prepared[r].images.pixel_values[k] for r, k in first])
+        self._keys = list(misses)
+        self._places = [misses[key] for key in self._keys]
+        self._encoding = None
+        if self._keys:
+            first = [places[0] for places in self._places]
+            # (I, n+1, 3, 336, 336): views into the prompts' pixels where their crop counts agree
+            pixels = [prepared[r].images.pixel_values[k] for r, k in first]
             sizes = torch.stack([prepared[r].images.image_sizes[k] for r, k in first])
-            for key, feats in zip(keys, self.encode(pixels, sizes)):
-                if self.feature_cache.max_bytes > 0:
-                    self.feature_cache.put(key, feats)
-                for r, k in misses[key]:
-                    out[r][k] = feats
-        return out
+            vision = owner.module.model.vision_embed_tokens
+            images = [(px, (int(h), int(w))) for px, (h, w) in zip(pixels, sizes.tolist())]
+            self._encoding = ImageEncoding(vision, images, vision.vision_chunk, self._cached)
+
+    @property
+    def done(self) -> bool:
+        return self._encoding is None or self._encoding.done
+
+    def step(self, chunk: int | None = None) -> bool:
+        """Encode the next piece (at most `chunk` crops; None: the tower's vision_chunk; 0: all
+        that are left) -> True once every feature is in."""
+        if self.done:
+            return True
+        device = self.owner.module.lm_head.weight.device
+        try:
+            for i in self._encoding.step(chunk):
+                feats = self._encoding.features[i]
+                if feats.device != device:
+                    feats = feats.to(device)
+                if self.owner.feature_cache.max_bytes > 0:
+                    self.owner.feature_cache.put(self._keys[i], feats)
+                for r, k in self._places[i]:
+                    self.features[r][k] = feats
+        except BaseException:
+            self._encoding = None  # its pixels and partial activations go now
+            self.owner._page_out()
+            raise
+        if self._encoding.done:
+            self._encoding = None
+            self.owner._page_out()
+            return True
+        return False
+
+    def run(self) -> list[list[torch.Tensor]]:
+        while not self.step():
+            pass
+        return self.features
+
+    def _cached(self, i: int) -> torch.Tensor | None:
+        cache = self.owner.feature_cache
+        return cache.get(self._keys[i]) if cache.max_bytes > 0 and self._keys[i] in cache else None

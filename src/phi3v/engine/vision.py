@@ -15,6 +15,9 @@ from .config import Phi3VConfig, VisionConfig
 
 # Checkpoint tensors the vision side never uses; the loader skips them (see unused_vision_keys).
 _PREFIX = "model.vision_embed_tokens.img_processor.vision_model."
+# Crops per CLIP call by default: activations of 4 crops (~4 x 577 tokens) stay small at full size, and
+# on a CPU one call over more crops is no faster per crop.
+DEFAULT_VISION_CHUNK = 4
 
 
 def unused_vision_keys(cfg: VisionConfig) -> list[str]:
@@ -121,6 +124,9 @@ class ClipTower(nn.Module):
 class ImageEmbedding(nn.Module):
     """pixel_values + image_sizes -> per-image sequences of decoder-width vectors."""
 
+    # Crops per CLIP call (None or 0: all of them in one call). Set per model: phi3v.load(vision_chunk=...).
+    vision_chunk: int | None = DEFAULT_VISION_CHUNK
+
     def __init__(self, cfg: Phi3VConfig):
         super().__init__()
         v = cfg.vision
@@ -153,19 +159,101 @@ class ImageEmbedding(nn.Module):
         glob = torch.cat([merged[0], sep.expand(g, 1, width)], dim=1).reshape(-1, width)
         return torch.cat([subs, self.glb_GN.reshape(1, width).to(merged.dtype), glob], dim=0)
 
+    def project(self, merged: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """merged (1 + rows*cols, 12, 12, 4C) of one image -> its features (T, hidden)."""
+        return self.img_projection(self.layout(merged, rows, cols).to(self.img_projection[0].weight.dtype))
+
+    def encoding(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, chunk: int | None = -1,
+                 ready=None) -> ImageEncoding:
+        """An ImageEncoding of these images (pixel_values (I, n+1, 3, 336, 336), image_sizes (I, 2));
+        chunk -1 = this tower's vision_chunk."""
+        images = [(pixel_values[i], (int(h), int(w))) for i, (h, w) in enumerate(image_sizes.tolist())]
+        return ImageEncoding(self, images, self.vision_chunk if chunk == -1 else chunk, ready)
+
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values (I, n+1, 3, 336, 336), image_sizes (I, 2) [H, W] -> list of (T_k, hidden).
 
         Only the global view and the real crops of each image go through CLIP (padding crops are
-        skipped), all images' crops in one batch.
+        skipped), at most `vision_chunk` crops per call, images one after the other (the same
+        features as one call over every crop, up to float rounding; activation memory follows the
+        chunk, not the crop count).
         """
-        grids = [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
-        crops = torch.cat([pixel_values[i, : 1 + r * c] for i, (r, c) in enumerate(grids)], dim=0)
-        dtype = self.img_projection[0].weight.dtype
-        merged = self.encode_crops(crops.to(self.glb_GN.device, dtype))
-        out, at = [], 0
-        for r, c in grids:
-            seq = self.layout(merged[at : at + 1 + r * c], r, c)
-            out.append(self.img_projection(seq.to(dtype)))
-            at += 1 + r * c
-        return out
+        return self.encoding(pixel_values, image_sizes).run()
+
+
+class ImageEncoding:
+    """The features of a list of images, computed a piece at a time (what lets a server encode a
+    newcomer's images between the decode steps of the others, and a video's many frames without
+    holding every crop's activations at once).
+
+    Each step() runs CLIP once on the next (at most) `chunk` real crops (or as many as the step
+    names), in image order (a piece may end one image and begin the next), and lays out and projects each image whose crops are
+    all in. `ready(k)`, when given, is asked as image k is reached: features it returns (another
+    request encoded the same content meanwhile) are used without encoding.
+    """
+
+    def __init__(self, tower: ImageEmbedding, images: list[tuple[torch.Tensor, tuple[int, int]]],
+                 chunk: int | None, ready=None):
+        """images: (pixel_values (n+1, 3, 336, 336), (H, W)) each. chunk None or 0: every crop in one call."""
+        self.tower, self.images, self.ready = tower, images, ready
+        self.chunk = chunk if chunk and chunk > 0 else None
+        size = tower.crop_size
+        self.grids = [(h // size, w // size) for _, (h, w) in images]
+        for (pixels, _), (r, c) in zip(images, self.grids):
+            if 1 + r * c > pixels.shape[0]:
+                raise ValueError(f"an image of {r}x{c} crops has only {pixels.shape[0] - 1} crops of pixels")
+        self.features: list[torch.Tensor | None] = [None] * len(images)  # (T_k, hidden) once image k is done
+        self.calls = 0  # CLIP calls so far
+        self._image, self._crop = 0, 0  # the next crop to encode: image index, crop index in it
+        self._merged: list[torch.Tensor] = []  # the current image's merged crops so far, (n_i, 12, 12, 4C) each
+
+    @property
+    def done(self) -> bool:
+        return self._image >= len(self.images)
+
+    def run(self) -> list[torch.Tensor]:
+        while not self.done:
+            self.step()
+        return self.features
+
+    @torch.inference_mode()
+    def step(self, chunk: int | None = None) -> list[int]:
+        """Encode the next piece of at most `chunk` crops (None: this encoding's chunk; 0: every
+        crop left) -> the indices of the images it completed."""
+        completed: list[int] = []
+        parts: list[tuple[int, torch.Tensor]] = []  # (image index, its crops in this piece)
+        room = self.chunk if chunk is None else chunk
+        room = room or sum(1 + r * c for r, c in self.grids)
+        image, crop = self._image, self._crop
+        while room > 0 and image < len(self.images):
+            if crop == 0 and self.ready is not None:
+                found = self.ready(image)
+                if found is not None:
+                    self.features[image] = found
+                    completed.append(image)
+                    image += 1
+                    continue
+            r, c = self.grids[image]
+            take = min(room, 1 + r * c - crop)
+            parts.append((image, self.images[image][0][crop:crop + take]))
+            room -= take
+            crop += take
+            if crop == 1 + r * c:
+                image, crop = image + 1, 0
+        if parts:
+            dtype, device = self.tower.img_projection[0].weight.dtype, self.tower.glb_GN.device
+            crops = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])
+            merged = self.tower.encode_crops(crops.to(device, dtype))  # (crops in the piece, 12, 12, 4C)
+            self.calls += 1
+            at = 0
+            for k, pixels in parts:
+                self._merged.append(merged[at:at + pixels.shape[0]])
+                at += pixels.shape[0]
+                r, c = self.grids[k]
+                if sum(m.shape[0] for m in self._merged) == 1 + r * c:  # image k is complete
+                    whole = self._merged[0] if len(self._merged) == 1 else torch.cat(self._merged)
+                    self.features[k] = self.tower.project(whole, r, c)
+                    self._merged = []
+                    completed.append(k)
+        self._image, self._crop = image, crop
+        return completed

@@ -39,7 +39,8 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     model_id = settings.model_id or served_model_id(model.name)
     worker = EngineWorker(model, settings.max_queue, max_batch=settings.max_batch,
-                          kv_budget_bytes=settings.kv_budget_bytes, prefill_chunk=settings.prefill_chunk)
+                          kv_budget_bytes=settings.kv_budget_bytes, prefill_chunk=settings.prefill_chunk,
+                          vision_chunk=settings.vision_chunk)
     # The caches' byte budgets are the server's settings (replacing those the model was loaded with).
     model.images.set_cache_bytes(settings.image_cache_bytes)
     model.conversation.max_bytes = settings.retained_kv_bytes

@@ -1,9 +1,13 @@
 """One thread owns the model and runs every request in one continuous batch.
 
 The model is not thread-safe, so all generation happens on this worker thread, in one
-`DecodeLoop`: between two decode steps, requests that waited in the bounded queue join (their
-images are encoded and their prompt prefilled, then they decode together with the others), and
+`DecodeLoop`: between two decode steps, requests that waited in the bounded queue join, and
 requests that finished, failed, or whose client went away leave (their KV cache freed at once).
+A newcomer does its work a piece per step while others decode, so their streams keep a token
+every step: its images' features one vision piece (`vision_chunk` crops) per step,
+then its prompt `prefill_chunk` tokens per step; then it decodes together with the others. With
+nothing running, a newcomer's prompt is prefilled whole (its images still a piece per iteration,
+so a cancellation is seen between pieces).
 Streamed and non-streamed requests are treated alike; rows with different sampling settings and
 stop strings decode together. At most `max_batch` rows run at once and their KV caches stay
 within `kv_budget_bytes`; the rest wait first come, first served (429 + Retry-After beyond
@@ -100,15 +104,18 @@ def _exit_process() -> None:
 
 class EngineWorker:
     def __init__(self, model, max_queue: int, *, max_batch: int = MAX_BATCH, kv_budget_bytes: int | None = None,
-                 prefill_chunk: int | None = None, on_fatal: Callable[[], None] | None = None):
+                 prefill_chunk: int | None = None, vision_chunk: int | None = None,
+                 on_fatal: Callable[[], None] | None = None):
         """kv_budget_bytes: the KV caches of the rows running together stay under this (each row
         counted at prompt + max_new_tokens); None = no limit beyond max_batch. prefill_chunk: prompt
-        tokens a newcomer prefills per decode step of the others (None: its whole prompt at once)."""
+        tokens a newcomer prefills per decode step of the others (None: its whole prompt at once;
+        with none running, always whole). vision_chunk: image crops a newcomer encodes per decode
+        step of the others (one vision-tower call; 0: all at once; None: the model's vision_chunk)."""
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self.kv_budget_bytes = kv_budget_bytes
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.vision_chunk = prefill_chunk, vision_chunk
         self.on_fatal = on_fatal or _exit_process
         # on_finish(job, outcome, payload): called on the worker thread as each job ends, before its
         # row is dropped (metrics.py observes tokens and timings there); its errors are only logged.
@@ -211,7 +218,7 @@ class EngineWorker:
             self.on_fatal()
 
     def _serve(self) -> None:
-        loop = self.model.new_loop(prefill_chunk=self.prefill_chunk)
+        loop = self._new_loop()
         while True:
             newcomers = self._take_jobs(block=not self._running)
             if newcomers is None:  # stopping
@@ -230,8 +237,11 @@ class EngineWorker:
                     self.stats.engine_errors += 1
                 for job in list(self._running):
                     self._finish(job, "failed", RuntimeError("internal engine error"))
-                loop = self.model.new_loop(prefill_chunk=self.prefill_chunk)
+                loop = self._new_loop()
             self._measure_kv(loop)  # after every step, and after a failure's fresh loop
+
+    def _new_loop(self):
+        return self.model.new_loop(prefill_chunk=self.prefill_chunk, vision_chunk=self.vision_chunk)
 
     def _take_jobs(self, block: bool) -> list[GenerationJob] | None:
         """Jobs that may join now (first come, first served, within max_batch and the KV
@@ -265,7 +275,8 @@ class EngineWorker:
             return taken
 
     def _start(self, loop, job: GenerationJob) -> None:
-        """Encode the job's images and queue its row in the loop; a failure fails this job only."""
+        """Queue the job's row in the loop (its images are encoded there, a piece per step, unless
+        the feature cache has them); a failure fails this job only."""
         try:
             job.row = self.model.start_row(job.prepared, job.options, reuse_conversation=True,
                                            output_format=job.output_format)

@@ -56,8 +56,13 @@ class ServerSettings:
               "max_tokens); the next waits for room", "--kv-budget-mb", bounds=POSITIVE, unit=MIB, metavar="N",
         default_text="no limit beyond --max-batch")
     prefill_chunk: int | None = setting(
-        128, "prompt tokens a joining request prefills per decode step of the running ones, so a long image "
-             "prompt does not stall their streams", "--prefill-chunk", bounds=POSITIVE, metavar="N")
+        32, "prompt tokens a joining request prefills per decode step of the running ones, so a long image "
+            "prompt does not stall their streams (with none running, its whole prompt at once)", "--prefill-chunk",
+        bounds=POSITIVE, metavar="N")
+    vision_chunk: int = setting(
+        1, "image crops a joining request sends through the vision tower per decode step of the running ones "
+           "(one tower call; an image is 1 + num_crops-or-fewer crops); 0 = all of a request's crops in one call",
+        "--vision-chunk", bounds=Bounds(0), metavar="N")
     retained_conversations: int = setting(
         8, "finished conversations whose KV caches are kept (within --retained-kv-mb) for follow-up "
            "requests that continue them", "--retained-conversations", bounds=POSITIVE, metavar="N")
