@@ -123,7 +123,7 @@ def test_show_prompt_prints_the_task_prompt_and_prompt_overrides_it(cli):
     (["ask", "a.png"], "--prompt"),
     (["describe", "a.png", "--num-crops", "0"], "--num-crops"),
     (["describe", "a.png", "--device", "gpu"], "--device"),
-    (["frobnicate"], "invalid choice"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
 ])
 def test_usage_errors_exit_2(cli, images, args, needle):
     code, out, err = cli(*args, cwd=images)
@@ -159,7 +159,7 @@ def test_console_script_exit_codes(cli_env, images):
     code, out, _ = run("--version")
     assert code == 0 and out.startswith("phi3v ")
     code, _, err = run("frobnicate")
-    assert code == 2 and "invalid choice" in err
+    assert code == 2 and "unknown command 'frobnicate'" in err
     code, out, err = run("describe", images / "nope.png")
     assert code == 1 and out == ""
     assert_one_error_line(err, "nope.png: no such file")

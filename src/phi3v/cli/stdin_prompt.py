@@ -21,14 +21,14 @@ def prompt_from_stdin(args, required: bool) -> None:
     """Replace args.prompt by stdin's text when it is meant to come from there; usage errors exit 2."""
     if not wants_stdin_prompt(args.prompt, required):
         if required and args.prompt is None:
-            args.parser.error("a question is required: -p QUESTION, -p - (stdin), or piped in: "
+            args.parser.error("a question is required: -p/--prompt QUESTION, -p - (stdin), or piped in: "
                               "echo 'What is this?' | phi3v ask photo.jpg")
         return
     if "-" in args.images:
         args.parser.error("stdin holds the image (IMAGE -), so it cannot hold the prompt too: give it with -p")
     text = sys.stdin.read().strip()
     if not text and args.prompt is None:  # nothing piped in (stdin was /dev/null, say)
-        args.parser.error("a question is required: -p QUESTION, -p - (stdin), or piped in")
+        args.parser.error("a question is required: -p/--prompt QUESTION, -p - (stdin), or piped in")
     if not text:
         args.parser.error("the prompt read from stdin is empty")
     args.prompt = text
