@@ -88,7 +88,7 @@ def test_html_is_self_contained(evaluated):
     report = json.loads((folder / "report.json").read_text())
     assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in page
-    assert "<svg" in page and page.count("<circle") == 2  # one point per variant
+    assert "<svg" in page and page.count('<circle class="point"') == 2  # one point per variant
     assert "<th>variant</th>" in page and "bf16" in page and "int8" in page
     shown = report["disagreements"]
     assert f"disagree ({len(shown)} of 6)" in page
@@ -158,7 +158,7 @@ def test_html_opens_in_chromium_without_console_errors(evaluated):
             page.on("request", lambda r: requests.append(r.url))
             page.goto((folder / "report.html").as_uri())
             page.wait_for_load_state("load")
-            assert page.locator("svg circle").count() == 2
+            assert page.locator("svg circle.point").count() == 2
             assert page.locator("table").first.locator("tr").count() == 3  # header + 2 variants
             broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
             assert broken == 0

@@ -22,16 +22,18 @@ MAX_DISAGREEMENTS = 100
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1240px;
   color:#1d1d1f;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .meta{color:#555;margin:0 0 12px}
-table{border-collapse:collapse;margin:8px 0} th,td{padding:4px 10px;border-bottom:1px solid #e3e3e3;text-align:right}
-th{background:#f5f5f7;font-weight:600} td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:8px 0} th,td{padding:4px 8px;border-bottom:1px solid #e3e3e3;text-align:right}
+th{background:#f5f5f7;font-weight:600;white-space:nowrap} td{white-space:nowrap}
+td:first-child,th:first-child{text-align:left}
 .record{border:1px solid #ddd;border-radius:8px;padding:12px;margin:12px 0;display:flex;gap:16px}
 .thumbs img{display:block;max-width:240px;max-height:240px;border:1px solid #ccc;margin-bottom:6px}
-.qa{flex:1} .qa table{width:100%} .qa td{text-align:left;vertical-align:top}
+.qa{flex:1} .qa table{width:100%;table-layout:fixed} .qa td,.qa th{text-align:left;vertical-align:top;white-space:normal}
+.qa th:first-child{width:110px} .qa th:last-child{width:60px} .qa td:last-child,.qa th:last-child{text-align:right}
 .ok{background:#e8f6ec} .bad{background:#fdecec} .err{color:#a00} .muted{color:#777}
-svg text{font:12px system-ui,sans-serif}
+svg text{font:12px system-ui,sans-serif} .wide{overflow-x:auto}
 """
 
 
@@ -57,10 +59,10 @@ def thumbnail_uri(source: str, size: int = THUMB_PX) -> str | None:
 
 def _table(report: dict) -> str:
     head, rows = table_rows(report)
-    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    out = ['<div class="wide"><table><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for row in rows:
         out.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     return "\n".join(out)
 
 
@@ -77,11 +79,12 @@ def _nice_max(value: float) -> float:
     return 10 * power
 
 
-def chart_svg(report: dict, width: int = 560, height: int = 320) -> str:
-    """Score (y, 0..1) against seconds per record (x), one labelled point per variant."""
+def chart_svg(report: dict, width: int = 780, height: int = 320) -> str:
+    """Score (y, 0..1) against seconds per record (x), one point per variant, named in a legend on
+    the right (labels beside the points would overlap where variants are close)."""
     points = [(v["name"], v["seconds_per_record"], v["score"]) for v in report["variants"]
               if v["seconds_per_record"] is not None and v["score"] is not None]
-    left, right, top, bottom = 56, 24, 16, 44
+    left, right, top, bottom = 56, 230, 16, 44
     pw, ph = width - left - right, height - top - bottom
     x_max = _nice_max(max((p[1] for p in points), default=1.0) * 1.1)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -99,9 +102,11 @@ def chart_svg(report: dict, width: int = 560, height: int = 320) -> str:
     for k, (name, secs, sc) in enumerate(points):
         x, y = left + pw * secs / x_max, top + ph - ph * sc
         colour = PALETTE[k % len(PALETTE)]
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}"><title>{_e(name)}: score '
-                     f'{sc:.3f}, {secs:.3f} s/record</title></circle>')
-        parts.append(f'<text x="{x + 9:.1f}" y="{y - 8:.1f}" fill="{colour}">{_e(name)}</text>')
+        parts.append(f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}" fill-opacity="0.85"><title>'
+                     f'{_e(name)}: score {sc:.3f}, {secs:.3f} s/record</title></circle>')
+        ly = top + 12 + 20 * k  # the legend entry
+        parts.append(f'<circle cx="{left + pw + 20}" cy="{ly - 4}" r="5" fill="{colour}"/>')
+        parts.append(f'<text x="{left + pw + 32}" y="{ly}">{_e(name)}: score {sc:.3f}, {secs:.3f} s/record</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
