@@ -50,7 +50,7 @@ def test_every_command_of_the_table_is_registered_with_help(capsys):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert list(sub.choices) == list(cli.COMMANDS)
-    assert {"describe", "ocr", "table", "compare", "ask", "extract", "chat", "download", "info", "serve", "batch",
+    assert {"describe", "ocr", "table", "compare", "ask", "video", "extract", "chat", "download", "info", "serve", "batch",
             "quantize", "bench", "eval", "config", "completion", "list", "rm"} == set(cli.COMMANDS)
     for name in cli.COMMANDS:
         with pytest.raises(SystemExit) as exc:

@@ -111,6 +111,14 @@ TASKS: dict[str, Task] = {
 }
 
 
+# The prompt of `phi3v video` and of `describe` given a video (its frames come first, in order).
+VIDEO_DESCRIBE_PROMPT = (
+    "These are frames of a video, in order. Describe what happens in the video: start with one "
+    "sentence that sums it up, then the events in the order they happen, the people, animals and "
+    "objects involved, the setting, and anything that changes between the frames."
+)
+
+
 # `table --format json` answers follow this schema (constrained decoding): the headers, then the
 # rows as arrays of cells (text or numbers).
 TABLE_SCHEMA = {

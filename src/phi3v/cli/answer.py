@@ -12,17 +12,18 @@ import sys
 from .. import tasks
 from ..errors import Phi3VError
 from .arguments import (HelpFormatter, answer_parent, constraint_kwargs, generation_parent, model_parent,
-                        options_from_args, output_parent, structured_parent)
+                        options_from_args, output_parent, structured_parent, video_parent)
 from .images import open_cli_images
 from .loading import dtype_name, load_model_from_args
 from .remote import add_server_flag
 from .stdin_prompt import prompt_from_stdin
 from .output import finish_answer, format_timings, note, print_json
 from .streaming import stream_answer
+from .video import answer_video, is_video_argument, selection_given
 
 IMAGE_HELP = "an image: file path, - for stdin, or http(s) URL"
 IMAGES = {  # command -> (nargs of IMAGE, its help)
-    "describe": ("?", IMAGE_HELP),
+    "describe": ("?", IMAGE_HELP + ", or a video: file or folder of frames (docs/video.md)"),
     "ocr": ("?", IMAGE_HELP),
     "table": ("?", IMAGE_HELP),
     "compare": ("*", "two or more images"),
@@ -33,6 +34,7 @@ EXAMPLES = {
     "describe": """examples:
   phi3v describe photo.jpg
   phi3v describe photo.jpg --max-tokens 200 --json
+  phi3v describe clip.mp4 --frames 8              (a video: its frames, in order)
   curl -s https://example.com/a.png | phi3v describe -
   phi3v describe --show-prompt""",
     "ocr": """examples:
@@ -65,6 +67,8 @@ def register(sub, name: str) -> None:
     task = tasks.TASKS[name]
     nargs, image_help = IMAGES[name]
     parents = [model_parent(), output_parent(), generation_parent(), answer_parent(), structured_parent()]
+    if name == "describe":  # `phi3v describe clip.mp4` describes a video (cli/video.py)
+        parents.append(video_parent())
     p = sub.add_parser(name, parents=parents, help=task.summary, description=f"{name}: {task.summary}.", epilog=EXAMPLES[name],
                        formatter_class=HelpFormatter)
     p.add_argument("images", nargs=nargs, metavar="IMAGE", help=image_help)
@@ -90,12 +94,26 @@ def check_usage(args) -> None:
         args.parser.error("an IMAGE is required (a path, - for stdin, or a URL)")
     if args.command == "compare" and len(args.images) < 2 and not args.show_prompt:
         args.parser.error(f"compare needs at least two images, got {len(args.images)}")
+    if args.command == "describe" and args.images and is_video_argument(args.images[0]):
+        if len(args.images) > 1:
+            args.parser.error("describe takes one video")
+        if getattr(args, "server", None):
+            args.parser.error("a video cannot be sent with --server yet; run it locally")
+    elif selection_given(args):
+        args.parser.error("--frames, --fps, --start, --end and --time-labels apply to a video "
+                          "(a video file or a folder of frames)")
     prompt_from_stdin(args, required=args.command == "ask")  # -p -, or `echo question | phi3v ask`
     if args.command == "ask" and not args.prompt.strip():
         args.parser.error("the --prompt is empty")
 
 
 def run(args) -> int:
+    if args.command == "describe" and args.images and is_video_argument(args.images[0]):
+        prompt = args.prompt or tasks.VIDEO_DESCRIBE_PROMPT
+        if args.show_prompt:
+            print(prompt)
+            return 0
+        return answer_video(args, args.images[0], prompt)
     prompt = task_prompt(args)
     if args.show_prompt:
         print(prompt)

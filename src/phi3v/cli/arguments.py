@@ -6,6 +6,7 @@
                          --stop (all from phi3v.options.OPTIONS) and --system
     answer_parent()      --json --no-stream (the commands that print one answer)
     structured_parent()  --schema FILE.json | --regex RE | --choices a,b,c (structured output)
+    video_parent()       --frames N | --fps F, --start, --end, --time-labels (which frames of a video)
 
 A command passes the ones it needs as `parents=[...]`; options_from_args(args) turns the parsed
 generation options back into GenerationOptions. Bad values are usage errors (exit code 2) with
@@ -186,6 +187,32 @@ def structured_parent() -> argparse.ArgumentParser:
     g.add_argument("--choices", type=choice_list, default=None, metavar="A,B,...",
                    help="the answer is exactly one of these comma-separated strings")
     return p
+
+
+def video_parent() -> argparse.ArgumentParser:
+    """Which frames of a video the model sees (the rules: phi3v.engine.frame_select, docs/video.md)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("video frames (docs/video.md)")
+    count = g.add_mutually_exclusive_group()
+    count.add_argument("--frames", type=number(int, Bounds(1)), default=None, metavar="N",
+                       help="N frames spread evenly over the clip (default: up to 16, no more than fill half "
+                            "the context)")
+    count.add_argument("--fps", type=number(float, Bounds(0, lo_open=True)), default=None, metavar="F",
+                       help="F frames per second of video instead")
+    g.add_argument("--start", type=number(float, Bounds(0)), default=None, metavar="SECONDS",
+                   help="only from this time on (default: the start)")
+    g.add_argument("--end", type=number(float, Bounds(0, lo_open=True)), default=None, metavar="SECONDS",
+                   help="only before this time (default: the end)")
+    g.add_argument("--time-labels", action="store_true",
+                   help='a line "frame k at MM:SS" per frame before the question (off: the model\'s '
+                        "training format)")
+    return p
+
+
+def video_kwargs(args) -> dict:
+    """The frame selection of the parsed args as model.ask/stream keywords."""
+    return {"frames": args.frames, "fps": args.fps, "start": args.start, "end": args.end,
+            "time_labels": args.time_labels}
 
 
 def constraint_kwargs(args) -> dict:

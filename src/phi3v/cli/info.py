@@ -15,8 +15,9 @@ import json
 import os
 from pathlib import Path
 
+from ..options import OPTION_BY_NAME
 from ..errors import ModelNotFoundError
-from .arguments import HelpFormatter, model_parent, output_parent
+from .arguments import HelpFormatter, add_option_flag, model_parent, output_parent, video_parent
 
 STANDARD_NUM_CROPS = (1, 4, 9, 16)
 
@@ -137,30 +138,44 @@ def run_info(args) -> int:
     from .images import open_cli_images
     from .output import print_json
 
+    from .info_video import format_video_plan, video_plan
+    from .video import is_video_argument
+
     model = model_info(args.model, args.dtype, args.device)
     chosen = args.num_crops or model["default_num_crops"]
     crops = sorted(set(STANDARD_NUM_CROPS) | {chosen, model["default_num_crops"]})
-    images = [image_info(im.label, im.image, crops, im.format) for im in open_cli_images(args.images)]
+    videos = [video_plan(args, a, find_config_files(args.model))  # docs/video.md
+              for a in args.images if is_video_argument(a)]
+    paths = [a for a in args.images if not is_video_argument(a)]
+    images = [image_info(im.label, im.image, crops, im.format) for im in open_cli_images(paths)]
     if args.json:
-        print_json({"images": images, "model": model, "num_crops": chosen})
+        print_json({"images": images, "model": model, "num_crops": chosen,
+                    **({"videos": videos} if videos else {})})
     else:
-        print(format_info(images, model, chosen))
+        print("\n".join([format_info(images, model, chosen)]
+                        + [format_video_plan(v, args.model, human_bytes) for v in videos]))
     return 0
 
 
 EXAMPLES = """examples:
   phi3v info photo.jpg
   phi3v info a.png b.png --num-crops 4 --dtype bfloat16
-  phi3v info --model microsoft/Phi-3.5-vision-instruct --json"""
+  phi3v info --model microsoft/Phi-3.5-vision-instruct --json
+  phi3v info clip.mp4 --frames 16 --dtype bfloat16 --quantize int4   (a video's frames, tokens, memory)"""
 
 
 def register(sub, name: str) -> None:
-    p = sub.add_parser(name, parents=[model_parent(), output_parent()],
+    p = sub.add_parser(name, parents=[model_parent(), output_parent(), video_parent()],
                        help="image sizes, crops, token counts, model memory",
                        description="Without loading the model: each image's size, its crop grid and "
                                    "token count at each --num-crops, and the model's parameter count "
                                    "and memory for the chosen dtype.",
                        epilog=EXAMPLES, formatter_class=HelpFormatter)
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="file path, - for stdin, or http(s) URL")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="file path, - for stdin, or http(s) URL; "
+                   "a video file or a folder of frames: its plan (frames, tokens, KV cache, peak memory)")
     p.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    g = p.add_argument_group("video plan")
+    g.add_argument("-p", "--prompt", default=None, metavar="QUESTION",
+                   help="the question the plan counts (default: phi3v video's description prompt)")
+    add_option_flag(g, OPTION_BY_NAME["max_new_tokens"])
     p.set_defaults(func=run_info)

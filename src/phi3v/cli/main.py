@@ -6,6 +6,7 @@ and imports nothing heavy at module level: torch, the model, fastapi and ray are
 a command runs, so `phi3v --help`, every `phi3v COMMAND --help` and usage errors are quick.
 
     answer.py    describe, ocr, table, compare, ask     chat.py      chat
+    video.py     video (a clip's frames as the images; describe hands videos to it)
     extract.py   extract (JSON following a schema)
     download.py  download                               info.py      info
     serve.py     serve                                  batch.py     batch
@@ -28,6 +29,7 @@ from .. import __version__
 from . import (answer, batch, bench, chat, completion, config_command, download, eval, extract, info,
                models, quantize, serve)
 from .running import run_parsed
+from . import video
 
 # command -> the module that registers it; the order of `phi3v --help`
 COMMANDS = {
@@ -36,6 +38,7 @@ COMMANDS = {
     "table": answer,
     "compare": answer,
     "ask": answer,
+    "video": video,
     "extract": extract,
     "chat": chat,
     "download": download,

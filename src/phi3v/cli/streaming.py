@@ -9,7 +9,7 @@ from .arguments import constraint_kwargs
 from .output import Spinner, finish_answer, write_answer_delta
 
 
-def stream_answer(model, source, options, images, args):
+def stream_answer(model, source, options, images, args, extra: dict | None = None):
     """Generate for `source` (a prompt string or messages), printing as the text arrives.
 
     `images` are the CliImages of the request (sent with a prompt string; inside the messages
@@ -17,7 +17,7 @@ def stream_answer(model, source, options, images, args):
     a spinner turns on stderr (terminal only); deltas go to stdout unless --json / --no-stream.
     Returns the Completion. Ctrl-C closes the stream (generation stops at once), ends the
     partial answer's line and lets the KeyboardInterrupt propagate (exit 130; chat drops that
-    question).
+    question). `extra`: more model.stream keywords (a video and its frame selection).
     """
     printing = not (getattr(args, "json", False) or getattr(args, "no_stream", False))
     pil_images = [im.image for im in images] if isinstance(source, str) else None
@@ -27,7 +27,7 @@ def stream_answer(model, source, options, images, args):
     text = []
     try:
         with spinner:
-            kwargs = {**asdict(options), **constraint_kwargs(args)}  # --schema / --regex / --choices
+            kwargs = {**asdict(options), **constraint_kwargs(args), **(extra or {})}  # --schema / --regex / --choices
             if pil_images is None:
                 stream = model.stream(source, **kwargs)
             else:
@@ -38,6 +38,9 @@ def stream_answer(model, source, options, images, args):
                     write_answer_delta(delta)
                 text.append(delta)
     except PromptTooLongError as err:
+        if extra and extra.get("video") is not None:
+            err.cli_hint = "ask for fewer --frames (or a lower --fps), a shorter --start/--end window or a smaller --num-crops"
+            raise
         err.cli_hint = too_long_hint(err, images, options.max_new_tokens, options.num_crops
                                      or getattr(model, "default_num_crops", None))
         raise
