@@ -118,6 +118,49 @@ def alone(model, prepared, n: int) -> list[int]:
     return row.generated
 
 
+def test_pieces_split_by_layers_equal_whole_pieces(tiny_checkpoint, request):
+    """vision_layers: a piece goes through the tower's layers over several steps (at most that
+    many layers each) with the same features as whole pieces, bit for bit."""
+    deep = load(tiny_checkpoint("phi3v", vision_layers=5, num_crops=2), image_cache_mb=0, prefix_cache=False)
+    clip = deep.module.model.vision_embed_tokens.img_processor.vision_model
+    depth = len(clip.encoder.layers)
+    assert depth == 4  # layer_idx -2: the last layer is not built
+    ran: list[int] = []
+    for i, layer in enumerate(clip.encoder.layers):
+        handle = layer.register_forward_hook(lambda mod, a, out, i=i: ran.append(i))
+        request.addfinalizer(handle.remove)
+    prepared = three_images(deep)
+    pixels, sizes = prepared.images.pixel_values, prepared.images.image_sizes
+    vision = deep.module.model.vision_embed_tokens
+    whole = vision.encoding(pixels, sizes, chunk=3).run()
+    ran.clear()
+    encoding = vision.encoding(pixels, sizes, chunk=3)
+    steps = 0
+    while not encoding.done:
+        before = len(ran)
+        encoding.step(layers=3)
+        assert 1 <= len(ran) - before <= 3, "at most 3 layers per step"
+        steps += 1
+    pieces = -(-real_crops(prepared.images) // 3)
+    assert steps == 2 * pieces and ran == [0, 1, 2, 3] * pieces  # 3 + 1 layers per piece, in order
+    for a, b in zip(encoding.features, whole):
+        assert torch.equal(a, b)
+    # in a loop: with a row running, every step runs at most vision_layers layers of the newcomer's piece
+    loop = endless(deep.new_loop(prefill_chunk=64, vision_chunk=2, vision_layers=1))
+    first = loop.add(start(deep, deep.prepare(prompt="Keep talking."), 200))
+    loop.step()
+    second = loop.add(start(deep, prepared, 2))
+    ran.clear()
+    while second.features is not None:
+        before = len(ran)
+        assert [r for r, _ in loop.step()] == [first]
+        assert len(ran) - before <= 1
+    assert len(ran) == depth * -(-real_crops(prepared.images) // 2)
+    while not second.done:
+        loop.step()
+    assert second.generated == alone(deep, prepared, 2)
+
+
 class Recorder:
     """The order of things in a DecodeLoop: ("piece", crops) per CLIP call, ("prefill", tokens) per
     prefill call, ("token", tag) per token a row received, ("step",) at each step's end."""

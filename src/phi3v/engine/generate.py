@@ -9,9 +9,10 @@ rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
                 features are still to compute (Row.features) runs one piece of its vision tower
                 (at most vision_chunk crops); a row with its features is prefilled alone (reusing
                 a cached prefix when it brings one) and joins the running batch. While rows are
-                running, a step does one piece of such newcomer work at most: one vision piece,
-                or prefill of at most `prefill_chunk` prompt tokens, so a newcomer never stalls
-                the others' streams for long (it joins after a few steps). With nothing running
+                running, a step does one piece of such newcomer work at most: one vision piece
+                (with `vision_layers`, that many of the tower's layers of it), or prefill of at
+                most `prefill_chunk` prompt tokens, so a newcomer never stalls the others'
+                streams for long (it joins after a few steps). With nothing running
                 a prompt is prefilled whole, and every waiting row with its features joins.
     3. sample   every running row picks its next token, pushes it to its text, and leaves the
                 batch when it is done (stop id, stop string, max_new_tokens)
@@ -114,7 +115,8 @@ class DecodeLoop:
     """Rows decoding together; see the module docstring. Not thread-safe: one thread steps it."""
 
     def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
-                 logits_hook=None, prefill_chunk: int | None = None, vision_chunk: int | None = None):
+                 logits_hook=None, prefill_chunk: int | None = None, vision_chunk: int | None = None,
+                 vision_layers: int | None = None):
         """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
         logits) sees the float32 logits each token is chosen from (for tests). prefill_chunk:
         prompt tokens prefilled per step at most while other rows are running (None: whole prompts
@@ -123,10 +125,11 @@ class DecodeLoop:
         position is rotated with the long factors, which a call over a shorter chunk would not do.
         vision_chunk: image crops a newcomer encodes per step while other rows are running (one
         vision-tower call; 0: all at once); None, or with no row running: the tower's own
-        vision_chunk (phi3v.load(vision_chunk=...), which bounds its memory)."""
+        vision_chunk (phi3v.load(vision_chunk=...), which bounds its memory). vision_layers: while
+        rows run, a step runs at most this many of the tower's layers on a piece (None or 0: all)."""
         self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
         self.logits_hook = logits_hook
-        self.prefill_chunk, self.vision_chunk = prefill_chunk, vision_chunk
+        self.prefill_chunk, self.vision_chunk, self.vision_layers = prefill_chunk, vision_chunk, vision_layers
         self.batch = RunningBatch(model)
         self.running: list[Row] = []  # in batch order
         self.waiting: list[Row] = []
@@ -207,7 +210,8 @@ class DecodeLoop:
                     if worked and (running or self.running):
                         break
                     worked = True
-                    if not self._vision_piece(row, self.vision_chunk if running else None) or running:
+                    piece = (self.vision_chunk, self.vision_layers) if running else (None, None)
+                    if not self._vision_piece(row, *piece) or running:
                         break  # more pieces to go, or its prefill waits for the next step
                 if budget is not None and budget <= 0:
                     break
@@ -284,11 +288,12 @@ class DecodeLoop:
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
-    def _vision_piece(row: Row, chunk: int | None) -> bool:
-        """One piece of row's image features (at most `chunk` crops through the tower; None: the
-        tower's vision_chunk) -> True once they are all in (row.image_embeds set)."""
+    def _vision_piece(row: Row, chunk: int | None, layers: int | None) -> bool:
+        """One piece of row's image features (at most `chunk` crops through the tower, None: the
+        tower's vision_chunk; at most `layers` of its layers, None: all) -> True once they are all
+        in (row.image_embeds set)."""
         t0 = time.perf_counter()
-        done = row.features.step(chunk)
+        done = row.features.step(chunk, layers)
         row.timings.vision_s += time.perf_counter() - t0
         if done:
             row.image_embeds, row.features = row.features.features[0], None

@@ -144,14 +144,15 @@ class FeatureJob:
     def done(self) -> bool:
         return self._encoding is None or self._encoding.done
 
-    def step(self, chunk: int | None = None) -> bool:
+    def step(self, chunk: int | None = None, layers: int | None = None) -> bool:
         """Encode the next piece (at most `chunk` crops; None: the tower's vision_chunk; 0: all
-        that are left) -> True once every feature is in."""
+        that are left), or with `layers`, that many CLIP layers of it -> True once every feature
+        is in."""
         if self.done:
             return True
         device = self.owner.module.lm_head.weight.device
         try:
-            for i in self._encoding.step(chunk):
+            for i in self._encoding.step(chunk, layers):
                 feats = self._encoding.features[i]
                 if feats.device != device:
                     feats = feats.to(device)

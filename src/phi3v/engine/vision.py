@@ -105,9 +105,13 @@ class ClipVisionModel(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, checkpoint name
         self.encoder = ClipEncoder(cfg)
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, 336, 336) -> the first layer's input (N, 577, C)."""
+        return self.pre_layrnorm(self.embeddings(pixels))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, 336, 336) -> patch features (N, 576, C) of the feature layer, CLS dropped."""
-        x = self.pre_layrnorm(self.embeddings(pixels))
+        x = self.embed(pixels)
         for layer in self.encoder.layers:
             x = layer(x)
         return x[:, 1:]
@@ -142,7 +146,10 @@ class ImageEmbedding(nn.Module):
 
     def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """crops (N, 3, 336, 336) -> merged features (N, 12, 12, 4C)."""
-        feats = self.img_processor.vision_model(crops)  # (N, 576, C)
+        return self.merge(self.img_processor.vision_model(crops))
+
+    def merge(self, feats: torch.Tensor) -> torch.Tensor:
+        """patch features (N, 576, C) -> merged features (N, 12, 12, 4C)."""
         N, _, C = feats.shape
         g = self.grid
         # (N, 24, 24, C) -> (N, 12, 2, 12, 2, C) -> (N, 12, 12, 2, 2, C): blocks TL, TR, BL, BR.
@@ -187,9 +194,11 @@ class ImageEncoding:
     holding every crop's activations at once).
 
     Each step() runs CLIP once on the next (at most) `chunk` real crops (or as many as the step
-    names), in image order (a piece may end one image and begin the next), and lays out and projects each image whose crops are
-    all in. `ready(k)`, when given, is asked as image k is reached: features it returns (another
-    request encoded the same content meanwhile) are used without encoding.
+    names), in image order (a piece may end one image and begin the next), and lays out and
+    projects each image whose crops are all in. A step may also run only `layers` of CLIP's layers
+    on its piece (the next steps run the rest; same operations, same results), which bounds one
+    step's time below one crop's. `ready(k)`, when given, is asked as image k is reached: features
+    it returns (another request encoded the same content meanwhile) are used without encoding.
     """
 
     def __init__(self, tower: ImageEmbedding, images: list[tuple[torch.Tensor, tuple[int, int]]],
@@ -203,13 +212,16 @@ class ImageEncoding:
             if 1 + r * c > pixels.shape[0]:
                 raise ValueError(f"an image of {r}x{c} crops has only {pixels.shape[0] - 1} crops of pixels")
         self.features: list[torch.Tensor | None] = [None] * len(images)  # (T_k, hidden) once image k is done
-        self.calls = 0  # CLIP calls so far
+        self.calls = 0  # CLIP calls (pieces) so far
+        self._parts: list[tuple[int, int]] = []  # the piece in flight (split by layers): (image, crops) each
+        self._hidden: torch.Tensor | None = None  # its hidden states (crops, 577, C) after `_layer` layers
+        self._layer = 0
         self._image, self._crop = 0, 0  # the next crop to encode: image index, crop index in it
         self._merged: list[torch.Tensor] = []  # the current image's merged crops so far, (n_i, 12, 12, 4C) each
 
     @property
     def done(self) -> bool:
-        return self._image >= len(self.images)
+        return self._image >= len(self.images) and self._hidden is None
 
     def run(self) -> list[torch.Tensor]:
         while not self.done:
@@ -217,13 +229,38 @@ class ImageEncoding:
         return self.features
 
     @torch.inference_mode()
-    def step(self, chunk: int | None = None) -> list[int]:
+    def step(self, chunk: int | None = None, layers: int | None = None) -> list[int]:
         """Encode the next piece of at most `chunk` crops (None: this encoding's chunk; 0: every
-        crop left) -> the indices of the images it completed."""
+        crop left), or with `layers`, at most that many CLIP layers of it -> the indices of the
+        images it completed."""
+        clip = self.tower.img_processor.vision_model
+        depth = len(clip.encoder.layers)
         completed: list[int] = []
-        parts: list[tuple[int, torch.Tensor]] = []  # (image index, its crops in this piece)
-        room = self.chunk if chunk is None else chunk
-        room = room or sum(1 + r * c for r, c in self.grids)
+        if self._hidden is None:  # a new piece
+            parts = self._gather(self.chunk if chunk is None else chunk, completed)
+            if not parts:
+                return completed
+            dtype, device = self.tower.img_projection[0].weight.dtype, self.tower.glb_GN.device
+            crops = (parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])).to(device, dtype)
+            self.calls += 1
+            self._parts = [(k, pixels.shape[0]) for k, pixels in parts]
+            if not layers or layers >= depth:
+                return completed + self._finish(self.tower.encode_crops(crops))  # (crops, 12, 12, 4C)
+            self._hidden, self._layer = clip.embed(crops), 0
+        end = depth if not layers else min(depth, self._layer + layers)
+        for layer in clip.encoder.layers[self._layer:end]:
+            self._hidden = layer(self._hidden)
+        self._layer = end
+        if end < depth:
+            return completed
+        hidden, self._hidden = self._hidden, None
+        return completed + self._finish(self.tower.merge(hidden[:, 1:]))
+
+    def _gather(self, chunk: int, completed: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """The next piece's crops -> [(image index, its crops (n, 3, 336, 336) in the piece)];
+        images that `ready` gives are added to `completed` instead."""
+        parts: list[tuple[int, torch.Tensor]] = []
+        room = chunk or sum(1 + r * c for r, c in self.grids)
         image, crop = self._image, self._crop
         while room > 0 and image < len(self.images):
             if crop == 0 and self.ready is not None:
@@ -240,20 +277,20 @@ class ImageEncoding:
             crop += take
             if crop == 1 + r * c:
                 image, crop = image + 1, 0
-        if parts:
-            dtype, device = self.tower.img_projection[0].weight.dtype, self.tower.glb_GN.device
-            crops = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p in parts])
-            merged = self.tower.encode_crops(crops.to(device, dtype))  # (crops in the piece, 12, 12, 4C)
-            self.calls += 1
-            at = 0
-            for k, pixels in parts:
-                self._merged.append(merged[at:at + pixels.shape[0]])
-                at += pixels.shape[0]
-                r, c = self.grids[k]
-                if sum(m.shape[0] for m in self._merged) == 1 + r * c:  # image k is complete
-                    whole = self._merged[0] if len(self._merged) == 1 else torch.cat(self._merged)
-                    self.features[k] = self.tower.project(whole, r, c)
-                    self._merged = []
-                    completed.append(k)
         self._image, self._crop = image, crop
+        return parts
+
+    def _finish(self, merged: torch.Tensor) -> list[int]:
+        """The piece's merged crops (n, 12, 12, 4C) to their images -> the images now complete."""
+        completed, at = [], 0
+        for k, n in self._parts:
+            self._merged.append(merged[at:at + n])
+            at += n
+            r, c = self.grids[k]
+            if sum(m.shape[0] for m in self._merged) == 1 + r * c:  # image k is complete
+                whole = self._merged[0] if len(self._merged) == 1 else torch.cat(self._merged)
+                self.features[k] = self.tower.project(whole, r, c)
+                self._merged = []
+                completed.append(k)
+        self._parts = []
         return completed

@@ -4,7 +4,8 @@ The model is not thread-safe, so all generation happens on this worker thread, i
 `DecodeLoop`: between two decode steps, requests that waited in the bounded queue join, and
 requests that finished, failed, or whose client went away leave (their KV cache freed at once).
 A newcomer does its work a piece per step while others decode, so their streams keep a token
-every step: its images' features one vision piece (`vision_chunk` crops) per step,
+every step: its images' features one vision piece (`vision_chunk` crops, `vision_layers` of the
+tower's layers) per step,
 then its prompt `prefill_chunk` tokens per step; then it decodes together with the others. With
 nothing running, a newcomer's prompt is prefilled whole (its images still a piece per iteration,
 so a cancellation is seen between pieces).
@@ -105,17 +106,18 @@ def _exit_process() -> None:
 class EngineWorker:
     def __init__(self, model, max_queue: int, *, max_batch: int = MAX_BATCH, kv_budget_bytes: int | None = None,
                  prefill_chunk: int | None = None, vision_chunk: int | None = None,
-                 on_fatal: Callable[[], None] | None = None):
+                 vision_layers: int | None = None, on_fatal: Callable[[], None] | None = None):
         """kv_budget_bytes: the KV caches of the rows running together stay under this (each row
         counted at prompt + max_new_tokens); None = no limit beyond max_batch. prefill_chunk: prompt
         tokens a newcomer prefills per decode step of the others (None: its whole prompt at once;
         with none running, always whole). vision_chunk: image crops a newcomer encodes per decode
-        step of the others (one vision-tower call; 0: all at once; None: the model's vision_chunk)."""
+        step of the others (one vision-tower call; 0: all at once; None: the model's vision_chunk),
+        through at most vision_layers of the tower's layers per step (None or 0: all)."""
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self.kv_budget_bytes = kv_budget_bytes
-        self.prefill_chunk, self.vision_chunk = prefill_chunk, vision_chunk
+        self.prefill_chunk, self.vision_chunk, self.vision_layers = prefill_chunk, vision_chunk, vision_layers
         self.on_fatal = on_fatal or _exit_process
         # on_finish(job, outcome, payload): called on the worker thread as each job ends, before its
         # row is dropped (metrics.py observes tokens and timings there); its errors are only logged.
@@ -241,7 +243,8 @@ class EngineWorker:
             self._measure_kv(loop)  # after every step, and after a failure's fresh loop
 
     def _new_loop(self):
-        return self.model.new_loop(prefill_chunk=self.prefill_chunk, vision_chunk=self.vision_chunk)
+        return self.model.new_loop(prefill_chunk=self.prefill_chunk, vision_chunk=self.vision_chunk,
+                                   vision_layers=self.vision_layers)
 
     def _take_jobs(self, block: bool) -> list[GenerationJob] | None:
         """Jobs that may join now (first come, first served, within max_batch and the KV

@@ -63,6 +63,10 @@ class ServerSettings:
         1, "image crops a joining request sends through the vision tower per decode step of the running ones "
            "(one tower call; an image is 1 + num_crops-or-fewer crops); 0 = all of a request's crops in one call",
         "--vision-chunk", bounds=Bounds(0), metavar="N")
+    vision_layers: int = setting(
+        12, "vision-tower layers such a piece goes through per decode step of the running ones (the full-size "
+            "tower uses 23: 12 = a crop in two steps); 0 = all of them", "--vision-layers", bounds=Bounds(0),
+        metavar="N")
     retained_conversations: int = setting(
         8, "finished conversations whose KV caches are kept (within --retained-kv-mb) for follow-up "
            "requests that continue them", "--retained-conversations", bounds=POSITIVE, metavar="N")
