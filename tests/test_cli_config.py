@@ -142,3 +142,25 @@ def test_a_mistyped_command_suggests_the_closest(run_cli, typed, suggestion):
 def test_an_unknown_command_with_no_close_match_lists_the_commands(run_cli):
     code, out, err = run_cli("xyzzy")
     assert code == 2 and "unknown command 'xyzzy' (commands: describe, ocr" in err
+
+
+def test_ctx_and_image_cache_mb_reach_the_loaded_model(run_cli, monkeypatch, tiny_model_dir):
+    """--ctx caps prompt + answer (the answer is cut to the room left); --image-cache-mb is the caches' budget."""
+    import phi3v
+
+    loaded = []
+    real_load = phi3v.load
+
+    def recording_load(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(phi3v, "load", recording_load)
+    monkeypatch.setenv("PHI3V_IMAGE_CACHE_MB", "0")
+    code, out, err = run_cli("ask", "-m", tiny_model_dir, "-p", "Name three colours.", "--ctx", "24",
+                             "--max-tokens", "100", "--dtype", "float32", "--json", "-q")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["usage"]["total_tokens"] == 24 and report["finish_reason"] == "length"
+    assert loaded[0].context_length == 24
+    assert loaded[0].images.feature_cache.max_bytes == 0
