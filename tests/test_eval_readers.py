@@ -53,7 +53,8 @@ def test_native_records_paths_defaults_and_choices(tmp_path):
     ({"question": "q", "answers": ["horse"], "choices": ["cat", "dog"], "metric": "choice"}, "neither an option"),
     ({"question": "q", "answers": ["A"], "choices": ["cat"], "metric": "choice"}, "two or more"),
     ({"question": "q", "answers": ["a"], "images": ["x.png"], "video": "v/"}, "one of"),
-    ({"question": "q", "answers": ["a"], "video": "clip.mp4"}, "extract a video file's frames"),
+    ({"question": "q", "answers": ["a"], "video": "missing.mp4"}, "does not exist"),
+    ({"question": "q", "answers": ["a"], "video": ["a.png", "notes.txt"]}, "frame image files only"),
 ])
 def test_native_errors_name_the_line(tmp_path, obj, message):
     (tmp_path / "clip.mp4").write_bytes(b"\0")
@@ -74,13 +75,20 @@ def test_duplicate_ids_and_bad_json(tmp_path):
         read_data(tmp_path / "missing.jsonl")
 
 
-def test_video_frames_are_sampled_evenly(tmp_path):
+def test_video_records(tmp_path):
     for i in range(20):
         _png(tmp_path / "frames" / f"{i:03d}.png")
-    data = _jsonl(tmp_path / "v.jsonl", {"id": "v", "video": "frames", "question": "q", "answers": ["a"]})
-    (record,) = read_data(data)
-    assert len(record.images) == 8
-    assert record.images[0].endswith("000.png") and record.images[-1].endswith("019.png")
+    (tmp_path / "clip.mp4").write_bytes(b"\0")
+    frames = [f"frames/{i:03d}.png" for i in range(20)]
+    data = _jsonl(tmp_path / "v.jsonl", {"id": "list", "video": frames, "question": "q", "answers": ["a"]},
+                  {"id": "folder", "video": "frames", "question": "q", "answers": ["a"]},
+                  {"id": "file", "video": "clip.mp4", "question": "q", "answers": ["a"]})
+    as_list, folder, file = read_data(data)
+    assert len(as_list.images) == 8  # a list of frames: 8 of them, evenly spaced, as images
+    assert as_list.images[0] == "frames/000.png" and as_list.images[-1] == "frames/019.png"
+    # a folder or a file: one source the engine's video input opens (video_input.VideoPrompts)
+    assert folder.sources == ("video:" + str((tmp_path / "frames").resolve()),)
+    assert file.sources == ("video:" + str((tmp_path / "clip.mp4").resolve()),) and file.images == ("clip.mp4",)
 
 
 def test_chartqa_layout(tmp_path):

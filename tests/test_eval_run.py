@@ -98,6 +98,28 @@ def test_html_is_self_contained(evaluated):
         assert "data:image/jpeg;base64," in page
 
 
+def test_video_records_reach_the_engine_video_input(tiny_model, tmp_path):
+    """A folder-of-frames "video" goes through prepare(video=...): all its frames become images."""
+    from PIL import Image
+
+    from phi3v.eval.readers import read_data
+    from phi3v.eval.runner import EvalRun
+
+    for i in range(3):
+        (tmp_path / "frames").mkdir(exist_ok=True)
+        Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(tmp_path / "frames" / f"{i}.png")
+    data = tmp_path / "v.jsonl"
+    data.write_text(json.dumps({"id": "clip", "video": "frames", "question": "q", "answers": ["a"]}) + "\n"
+                    + json.dumps({"id": "one", "images": ["frames/0.png"], "question": "q", "answers": ["a"]}) + "\n")
+    run = EvalRun(read_data(data), parse_variants("fp32", "2"), model="tiny", results=tmp_path / "r.jsonl",
+                  load=lambda variant: tiny_model, max_new_tokens=2)
+    run.run()
+    answers = run.answers()
+    clip, one = answers[("fp32", "clip")], answers[("fp32", "one")]
+    assert clip["error"] is None and one["error"] is None
+    assert clip["usage"]["image_tokens"] == 3 * one["usage"]["image_tokens"]  # three frames, same size
+
+
 def test_summary_agreement_and_disagreements_by_hand():
     records = [EvalRecord(id=str(i), images=(), sources=(), question="q", answers=("A",), metric="choice",
                           choices=("x", "y")) for i in range(4)]

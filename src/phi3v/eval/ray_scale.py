@@ -31,7 +31,9 @@ class VariantActor:
         import phi3v
 
         torch.set_num_threads(max(1, torch_threads))  # the actor's share of the node's cores
-        self.model = phi3v.load(model, device=device, dtype=dtype, quantize=quantize, progress=False)
+        from .video_input import VideoPrompts
+
+        self.model = VideoPrompts(phi3v.load(model, device=device, dtype=dtype, quantize=quantize, progress=False))
         self.options, self.batch_size, self.workers = options, batch_size, workers
         self.image_policy, self.system = image_policy, system
 

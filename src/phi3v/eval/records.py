@@ -10,9 +10,10 @@ One line per record (blank lines skipped):
 
 - id: string or number, unique (the resume key); default: `line-N`.
 - images (list or one string; "image" also accepted): paths relative to the JSONL file, URLs, data: URIs.
-- video: a folder of frame images (sorted by name) or a list of frame files; up to
-  MAX_VIDEO_FRAMES frames, evenly spaced, are given to the model as images (Phi-3.5-vision reads
-  several frames this way). A video file (.mp4 ...) is refused: extract its frames first.
+- video: a video file (.mp4, .webm, .mov, .mkv, .avi; an animated GIF / WebP) or a folder of frame
+  images, handed to the engine's video input (phi3v.load(...).prepare(video=...): its frame
+  selection, num_crops 4 unless the variant sets one; files need the `video` extra); or a list of
+  frame image files, of which up to MAX_VIDEO_FRAMES, evenly spaced, are given as images.
 - question: the question text. prompt (optional): the full prompt, used as written instead of the
   template built from the question (prompts.py).
 - answers (list or one string; "answer" also accepted): the accepted answers (VQA: the 10 human answers).
@@ -36,6 +37,7 @@ from .metrics.choice import answer_letter
 
 NATIVE_KEYS = ("id", "images", "image", "video", "question", "prompt", "answers", "answer", "metric", "choices")
 MAX_VIDEO_FRAMES = 8
+VIDEO_PREFIX = "video:"  # a source the model opens as a video (video_input.py), not as an image
 DEFAULT_METRIC = "exact"
 
 
@@ -105,20 +107,24 @@ def resolve_source(image: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def video_source(video: str, base: Path, where: str) -> str:
+    """A record's "video" string -> the source the engine's video input opens (VIDEO_PREFIX + path)."""
+    if "://" in video[:16] or video.startswith("data:"):
+        return VIDEO_PREFIX + video
+    path = Path(video).expanduser()
+    path = path if path.is_absolute() else (base / path).resolve()
+    if not path.exists():
+        raise Phi3VError(f"{where}: 'video' {video!r} does not exist (give a video file or a folder of frames)")
+    return VIDEO_PREFIX + str(path)
+
+
 def video_frames(video, base: Path, where: str, max_frames: int = MAX_VIDEO_FRAMES) -> list[str]:
-    """A record's "video" -> up to max_frames frame paths (as written), evenly spaced."""
-    if isinstance(video, str):
-        folder = Path(video).expanduser()
-        folder = folder if folder.is_absolute() else base / folder
-        if folder.is_file() or not folder.exists():
-            raise Phi3VError(f"{where}: 'video' {video!r} must be a folder of frame images (or a list of "
-                             "frame files); extract a video file's frames first, e.g. "
-                             "ffmpeg -i clip.mp4 -vf fps=1 frames/%04d.png")
-        frames = sorted(str(Path(video) / p.name) for p in folder.iterdir() if has_image_suffix(p.name))
-    elif isinstance(video, list) and all(isinstance(f, str) and f for f in video):
-        frames = list(video)
-    else:
-        raise Phi3VError(f"{where}: 'video' must be a folder or a list of frame image files")
+    """A record's "video" list of frame files -> up to max_frames of them (as written), evenly spaced."""
+    if not (isinstance(video, list) and all(isinstance(f, str) and f for f in video)):
+        raise Phi3VError(f"{where}: 'video' must be a video file, a folder of frames or a list of frame files")
+    frames = [f for f in video if has_image_suffix(f) or "://" in f[:16] or f.startswith("data:")]
+    if len(frames) != len(video):
+        raise Phi3VError(f"{where}: a 'video' list holds frame image files only")
     if not frames:
         raise Phi3VError(f"{where}: 'video' {video!r} holds no frame images")
     if len(frames) > max_frames:  # evenly spaced, first and last included
@@ -136,6 +142,12 @@ def native_record(obj, where: str, lineno: int, base: Path, default_metric: str 
     given = [k for k in ("images", "image", "video") if k in obj]
     if len(given) > 1:
         raise Phi3VError(f"{where}: give one of 'images', 'image', 'video', not {given}")
+    if isinstance(obj.get("video"), str):
+        source = video_source(obj["video"], base, where)
+        return make_record(where, id=obj.get("id", f"line-{lineno}"), images=[obj["video"]], sources=[source],
+                           question=obj.get("question"), answers=_answers(obj, where),
+                           metric=obj.get("metric") or default_metric or DEFAULT_METRIC,
+                           choices=obj.get("choices", ()), prompt=obj.get("prompt"))
     if "video" in obj:
         images = video_frames(obj["video"], base, where)
     else:
@@ -144,15 +156,19 @@ def native_record(obj, where: str, lineno: int, base: Path, default_metric: str 
             images = [images]
         if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
             raise Phi3VError(f"{where}: 'images' must be a list of non-empty strings")
+    return make_record(where, id=obj.get("id", f"line-{lineno}"), images=images,
+                       sources=[resolve_source(i, base) for i in images], question=obj.get("question"),
+                       answers=_answers(obj, where), metric=obj.get("metric") or default_metric or DEFAULT_METRIC,
+                       choices=obj.get("choices", ()), prompt=obj.get("prompt"))
+
+
+def _answers(obj: dict, where: str):
     if "answers" in obj and "answer" in obj:
         raise Phi3VError(f"{where}: give 'answers' or 'answer', not both")
     answers = obj.get("answers", obj.get("answer"))
     if answers is None:
         raise Phi3VError(f"{where}: 'answers' is missing (the accepted answers)")
-    return make_record(where, id=obj.get("id", f"line-{lineno}"), images=images,
-                       sources=[resolve_source(i, base) for i in images], question=obj.get("question"),
-                       answers=answers, metric=obj.get("metric") or default_metric or DEFAULT_METRIC,
-                       choices=obj.get("choices", ()), prompt=obj.get("prompt"))
+    return answers
 
 
 def read_native(path: Path, default_metric: str | None = None) -> list[EvalRecord]:

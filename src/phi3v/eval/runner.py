@@ -38,6 +38,7 @@ from ..options import GenerationOptions
 from .prompts import build_prompt
 from .records import EvalRecord
 from .variants import Variant
+from .video_input import VideoPrompts
 
 DEFAULT_IMAGE_CACHE_MB = 2048
 
@@ -178,7 +179,8 @@ class EvalRun:
         hits = misses = 0
         if cache is not None:
             hits, misses = cache.hits, cache.misses
-        for result in iter_job_results(model, jobs, self.variant_options(variant), batch_size=self.batch_size,
+        for result in iter_job_results(VideoPrompts(model), jobs, self.variant_options(variant),
+                                       batch_size=self.batch_size,
                                        workers=self.workers, image_policy=self.image_policy, system=self.system):
             if cache is not None:
                 new_hits, new_misses = cache.hits - hits, cache.misses - misses
