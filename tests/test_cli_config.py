@@ -87,10 +87,13 @@ def test_server_settings_and_host_port_from_the_environment(monkeypatch):
     ("PHI3V_NUM_CROPS", "99", "environment variable PHI3V_NUM_CROPS: must be between 1 and 64, got 99"),
     ("PHI3V_DEVICE", "tpu", "environment variable PHI3V_DEVICE: expected auto, cpu"),
     ("PHI3V_LOW_MEMORY", "maybe", "environment variable PHI3V_LOW_MEMORY: expected true or false"),
+    ("PHI3V_PORT", "80a", "environment variable PHI3V_PORT: expected a whole number, got '80a'"),
+    ("PHI3V_LOG_FORMAT", "xml", "environment variable PHI3V_LOG_FORMAT: expected one of text, json, got 'xml'"),
 ])
 def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(run_cli, monkeypatch, name, value, expected):
     monkeypatch.setenv(name, value)
-    code, out, err = run_cli("ask", "-p", "hi")
+    argv = ("serve",) if name in ("PHI3V_PORT", "PHI3V_LOG_FORMAT") else ("ask", "-p", "hi")
+    code, out, err = run_cli(*argv)
     assert code == 2 and expected in err, err
 
 

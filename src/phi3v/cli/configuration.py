@@ -132,8 +132,11 @@ def convert(action: argparse.Action, raw, where: str):
     text = str(raw)
     try:
         value = action.type(text) if action.type else text
-    except (argparse.ArgumentTypeError, ValueError) as err:
+    except argparse.ArgumentTypeError as err:
         raise ConfigError(f"{where}: {err}") from None
+    except ValueError:  # a plain int / float type (--port)
+        kind = "a whole number" if action.type is int else "a number"
+        raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
     if action.choices is not None and value not in action.choices:
         raise ConfigError(f"{where}: expected one of {', '.join(map(str, action.choices))}, got {raw!r}")
     return value
