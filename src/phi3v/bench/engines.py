@@ -196,11 +196,15 @@ class TransformersEngine:
         batch = preprocess([open_image(s) for s in sources], num_crops, pre.image_mean, pre.image_std) \
             if sources else None
         ids = torch.tensor(build_input_ids(self.tokenizer, prompt, batch.num_img_tokens if batch else []))
-        x = self.lm.get_input_embeddings()(ids.clamp(min=0))
+        x = self._embed_ids(ids.clamp(min=0))
         if batch is not None:
             for k, feats in enumerate(self._image_features(batch.pixel_values, batch.image_sizes), start=1):
                 x[ids == -k] = feats.to(x.dtype)
         return x[None]
+
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(L,) token ids >= 0 -> (L, hidden) embeddings."""
+        return self.lm.get_input_embeddings()(ids)
 
     def _generate(self, embeds: torch.Tensor, n: int) -> torch.Tensor:
         return self.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),

@@ -2,11 +2,16 @@
 
 Ratios are "how many times better phi3v is": transformers / phi3v for seconds (`*_s`),
 phi3v / transformers for rates (`*_tok_s`).  The baseline is the transformers bf16 variant.
+Each OpenVINO variant is also compared with its phi3v peer (openvino-int4 with phi3v-int4, ...):
+`ratios_vs_openvino["phi3v-int4 vs openvino-int4"]`, > 1 when phi3v is better; and what OpenVINO
+ran (precisions, KV cache) is reported per variant under "runtime".
 """
 
 from __future__ import annotations
 
 import statistics
+
+from .variants import OPENVINO_PEERS
 
 BASELINE = "transformers-bf16"
 
@@ -31,6 +36,8 @@ def build_report(results: dict[str, dict], env: dict) -> dict:
             "peak_rss_gib": res["peak_rss_gib"], "peak_rss_e2e_gib": res.get("peak_rss_e2e_gib"),
             "metrics": {m: summary(v) for m, v in res["metrics"].items()},
         }
+        if res.get("runtime"):
+            report["variants"][variant]["runtime"] = res["runtime"]
     base = report["variants"].get(BASELINE)
     if base:
         for variant, data in report["variants"].items():
@@ -39,8 +46,32 @@ def build_report(results: dict[str, dict], env: dict) -> dict:
             report["ratios"][variant] = {
                 m: ratio(m, s["median"], base["metrics"][m]["median"])
                 for m, s in data["metrics"].items() if m in base["metrics"]}
+    report["ratios_vs_openvino"] = _vs_openvino(report["variants"])
     report["goals"] = _goals(report, env)
     return report
+
+
+def _vs_openvino(variants: dict) -> dict:
+    """'phi3v-X vs openvino-X' -> metric -> how many times better phi3v is, for the pairs present."""
+    out = {}
+    for ov_name, ours in OPENVINO_PEERS.items():
+        if ov_name in variants and ours in variants:
+            theirs, mine = variants[ov_name]["metrics"], variants[ours]["metrics"]
+            out[f"{ours} vs {ov_name}"] = {m: ratio(m, mine[m]["median"], theirs[m]["median"])
+                                           for m in mine if m in theirs}
+    return out
+
+
+def runtime_line(variant: str, info: dict) -> str:
+    """One line: what OpenVINO executed (compiled-model properties and node runtime precisions)."""
+    dec = info.get("decoder", {})
+    kv_nodes = {k.split(":")[1] for k in info.get("decoder_nodes", {}) if k.startswith("MemoryInput:")}
+    products = sorted({k for k in info.get("decoder_nodes", {}) if k.startswith("FullyConnected:")})
+    return (f"{variant}: OpenVINO {info.get('openvino', '?').split('-')[0]}, decoder weights "
+            f"{info.get('decoder_weights')}, vision weights {info.get('vision_weights')}; inference precision "
+            f"{dec.get('INFERENCE_PRECISION_HINT', '?')}, KV_CACHE_PRECISION {dec.get('KV_CACHE_PRECISION', '?')}, "
+            f"KV state kept in {', '.join(sorted(kv_nodes)) or '?'}, dynamic quantization group "
+            f"{dec.get('DYNAMIC_QUANTIZATION_GROUP_SIZE', '?')}; matrix products {', '.join(products) or '?'}")
 
 
 def _goals(report: dict, env: dict) -> list[dict]:
@@ -65,6 +96,19 @@ def _goals(report: dict, env: dict) -> list[dict]:
     x = r.get("phi3v-bf16", {}).get("ttft_1img_nc16_s")
     if x is not None:
         add("phi3v-bf16 TTFT 1 image num_crops 16 vs transformers", round(x, 2), ">= 1.5x", x >= 1.5)
+    vs = report.get("ratios_vs_openvino", {})
+    for metric, x in sorted(vs.get("phi3v-bf16 vs openvino-bf16", {}).items()):
+        if metric.startswith("vision_"):
+            add(f"phi3v-bf16 {metric} vs openvino-bf16", round(x, 2), ">= 1.0x", x >= 1.0)
+    x = r.get("phi3v-w8a8", {}).get("ttft_1img_nc16_s")
+    if x is not None:
+        add("phi3v-w8a8 TTFT 1 image num_crops 16 vs transformers bf16", round(x, 2), ">= 1.5x", x >= 1.5)
+    if "phi3v-w8a8" in v and "openvino-int8" in v:
+        mine, theirs = v["phi3v-w8a8"]["metrics"], v["openvino-int8"]["metrics"]
+        m = "ttft_1img_nc16_s"
+        if m in mine and m in theirs:
+            x = ratio(m, mine[m]["median"], theirs[m]["median"])
+            add("phi3v-w8a8 TTFT 1 image num_crops 16 vs openvino-int8", round(x, 2), ">= 1.3x", x >= 1.3)
     wb = env.get("bf16_weight_gib")
     if wb and "phi3v-bf16" in v:
         load_rss = v["phi3v-bf16"]["rss_weights_touched_gib"]
@@ -119,6 +163,22 @@ def markdown_table(report: dict) -> str:
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     out = "\n".join(lines)
+    pairs = report.get("ratios_vs_openvino", {})
+    if pairs:
+        names = list(pairs)
+        out += "\n\n| metric (phi3v / OpenVINO, > 1 = phi3v better) | " + " | ".join(names) + " |\n"
+        out += "|" + "---|" * (len(names) + 1)
+        for m in metrics:
+            cells = [f"{pairs[n][m]:.2f}x" if pairs[n].get(m) is not None else "-" for n in names]
+            if any(c != "-" for c in cells):
+                out += f"\n| {m} | " + " | ".join(cells) + " |"
+    runtimes = [runtime_line(x, report["variants"][x]["runtime"]) for x in variants
+                if report["variants"][x].get("runtime")]
+    if runtimes:
+        out += "\n\nWhat OpenVINO ran:\n" + "\n".join(f"- {line}" for line in runtimes)
+    skipped = report.get("env", {}).get("skipped") or {}
+    if skipped:
+        out += "\n\n" + "\n".join(f"- {x} skipped: {why}" for x, why in skipped.items())
     if report["goals"]:
         out += "\n\n| goal | value | target | met |\n|---|---|---|---|\n"
         out += "\n".join(f"| {g['goal']} | {g['value']} | {g['target']} | "

@@ -1,7 +1,9 @@
 """Prepare the checkpoints, run each variant in its own process (one at a time), report.
 
 Variants: phi3v-bf16, phi3v-int8, phi3v-int4 (quantized checkpoints written once next to the
-data, reused afterwards), phi3v-fp32 (on request: needs ~16 GiB), transformers-bf16 (the baseline).
+data, reused afterwards), phi3v-fp32 (on request: needs ~16 GiB), transformers-bf16 (the baseline),
+openvino-bf16/int8/int4 (IR converted once into DATA_DIR/openvino-ir/, keyed by checkpoint and
+scheme; skipped with a note when the `openvino` extra is not installed).
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ def ensure_quantized(source: Path, scheme: str, data_dir: Path, log) -> tuple[Pa
     quantize_checkpoint(source, partial, scheme)
     partial.rename(folder)
     return folder, time.perf_counter() - start
+
+
+def _openvino_ir(source: Path, scheme: str, data_dir: Path, log) -> tuple[Path | None, float | None, str]:
+    """(IR folder, conversion seconds or None when cached, '' or why the variant is skipped)."""
+    from .openvino_convert import ensure_ir, missing_extra
+
+    why = missing_extra()
+    if why:
+        return None, None, why
+    try:
+        folder, took = ensure_ir(source, scheme, data_dir, log)
+    except RuntimeError as err:
+        return None, None, str(err)
+    return folder, took, ""
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -126,21 +142,34 @@ def run_benchmark(model: str | None = None, *, data_dir: Path | None = None, var
     threads = threads or torch.get_num_threads()
     source = ensure_checkpoint(model, data_dir, log)
     folders, quantize_s = {}, {}
+    irs, convert_s, skipped = {}, {}, {}
     for v in variants:
         engine, dtype, scheme = VARIANTS[v]
         folders[v] = source
-        if scheme:
+        if engine == "openvino":
+            irs[v], took, skipped[v] = _openvino_ir(source, scheme, data_dir, log)
+            if took is not None:
+                convert_s[scheme] = took
+        elif scheme:
             folders[v], took = ensure_quantized(source, scheme, data_dir, log)
             if took is not None:
                 quantize_s[scheme] = took
+    for v, why in list(skipped.items()):
+        if why:
+            log(f"{v} skipped: {why}")
+        else:
+            del skipped[v]
+    variants = [v for v in variants if v not in skipped]
 
     counts, decode_bytes = weight_facts(source)
     env = {
         "checkpoint": str(source), "torch": torch.__version__, "threads": threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "quick": quick,
         "bf16_weight_gib": checkpoint_bytes(source) / 2**30,
-        "checkpoint_gib": {v: checkpoint_bytes(folders[v]) / 2**30 for v in variants},
-        "quantize_checkpoint_s": quantize_s, "weights": counts,
+        "checkpoint_gib": {v: (sum(f.stat().st_size for f in irs[v].glob("*.bin")) if v in irs
+                               else checkpoint_bytes(folders[v])) / 2**30 for v in variants},
+        "quantize_checkpoint_s": quantize_s, "openvino_convert_s": convert_s, "skipped": skipped,
+        "openvino_ir": {v: str(p) for v, p in irs.items() if p is not None}, "weights": counts,
         "decode_bytes_per_token": decode_bytes,
         "read_bandwidth_gbs": read_bandwidth_gbs(threads),
         "command": " ".join(sys.argv),
@@ -154,6 +183,8 @@ def run_benchmark(model: str | None = None, *, data_dir: Path | None = None, var
             out = Path(tmp) / f"{v}.json"
             cmd = [sys.executable, "-m", "phi3v.bench.worker", "--engine", engine, "--model", str(folders[v]),
                    "--dtype", dtype, "--variant", v, "--threads", str(threads), "--out", str(out)]
+            if engine == "openvino":
+                cmd += ["--ir", str(irs[v])]
             if quick:
                 cmd.append("--quick")
             for flag, value in (("--repeats", repeats), ("--heavy-repeats", heavy_repeats),

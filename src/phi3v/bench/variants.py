@@ -6,6 +6,15 @@ VARIANTS = {  # name -> (engine, dtype, quantization)
     "phi3v-int4": ("phi3v", "bfloat16", "int4"),
     "phi3v-fp32": ("phi3v", "float32", None),
     "transformers-bf16": ("transformers", "bfloat16", None),
+    # OpenVINO IR of the same weights (bench/openvino_convert.py; the `openvino` extra): the scheme
+    # names the decoder's weights; int8/int4 have an int8 vision tower, as OpenVINO publishes them.
+    "openvino-bf16": ("openvino", "bfloat16", "bf16"),
+    "openvino-int8": ("openvino", "bfloat16", "int8"),
+    "openvino-int4": ("openvino", "bfloat16", "int4"),
 }
-DEFAULT_VARIANTS = ("transformers-bf16", "phi3v-bf16", "phi3v-int8", "phi3v-int4")
-VISION_VARIANTS = ("transformers-bf16", "phi3v-bf16")  # vision tower is bf16 in every phi3v variant
+OPENVINO_PEERS = {"openvino-bf16": "phi3v-bf16", "openvino-int8": "phi3v-int8", "openvino-int4": "phi3v-int4"}
+# OpenVINO's are skipped with a note when the `openvino` extra is not installed
+DEFAULT_VARIANTS = ("transformers-bf16", "phi3v-bf16", "phi3v-int8", "phi3v-int4", "openvino-bf16", "openvino-int8",
+                    "openvino-int4")
+# vision tower is bf16 in every phi3v variant; OpenVINO's differs per variant
+VISION_VARIANTS = ("transformers-bf16", "phi3v-bf16", "openvino-bf16", "openvino-int8", "openvino-int4")

@@ -2,8 +2,10 @@
 
     python -m phi3v.bench.worker --engine phi3v --model DIR --dtype bfloat16 [--quantize int4]
                                  [--quick] [--no-vision] --out result.json
+    python -m phi3v.bench.worker --engine openvino --model DIR --ir IR_DIR ...   (bench/openvino_convert.py)
 
-Writes {"variant", "engine", "load_s", "rss_after_load_gib", "peak_rss_gib", "metrics": {...}}.
+Writes {"variant", "engine", "load_s", "rss_after_load_gib", "peak_rss_gib", "metrics": {...}}, and for
+OpenVINO "runtime": what it ran (precisions, KV cache; bench/openvino_engine.runtime_info).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .workloads import Plan, bench_image, image_messages, run_plan, text_ids
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi3v.bench.worker")
-    p.add_argument("--engine", choices=("phi3v", "transformers"), required=True)
+    p.add_argument("--engine", choices=("phi3v", "transformers", "openvino"), required=True)
+    p.add_argument("--ir", default=None, help="OpenVINO IR folder (--engine openvino)")
     p.add_argument("--model", required=True)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", default=None)
@@ -46,8 +49,14 @@ def main(argv=None) -> int:
 
     from .engines import PhiEngine, TransformersEngine
 
-    engine = PhiEngine(args.model, args.dtype, args.quantize) if args.engine == "phi3v" \
-        else TransformersEngine(args.model, args.dtype)
+    if args.engine == "openvino":
+        from .openvino_engine import OpenVINOEngine
+
+        engine = OpenVINOEngine(args.model, args.ir, threads=args.threads)
+    elif args.engine == "phi3v":
+        engine = PhiEngine(args.model, args.dtype, args.quantize)
+    else:
+        engine = TransformersEngine(args.model, args.dtype)
     rss_before = rss_gib()
     start = time.perf_counter()
     engine.load()
@@ -74,6 +83,8 @@ def main(argv=None) -> int:
         "peak_rss_e2e_gib": e2e,
         "peak_rss_gib": peak_rss_gib(), "metrics": metrics, "plan": vars(plan),
     }
+    if hasattr(engine, "runtime_info"):
+        result["runtime"] = engine.runtime_info()
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     return 0

@@ -1,7 +1,9 @@
-"""`phi3v bench`: phi3v (bf16, int8, int4) vs transformers on the same full-size weights.
+"""`phi3v bench`: phi3v (bf16, int8, int4) vs transformers and OpenVINO on the same full-size weights.
 
 Without --model it writes a random full-size checkpoint once (about 8.3 GB, in --data-dir) and its
-int8/int4 copies; nothing is downloaded.  Each variant runs in its own process, one at a time.
+int8/int4 copies; nothing is downloaded.  The OpenVINO variants convert it to IR once (into
+--data-dir/openvino-ir/; needs `pip install 'phi3v[openvino]'`, else they are skipped with a note).
+Each variant runs in its own process, one at a time.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ EPILOG = """measured per variant: load time, RSS after load and peak RSS; image 
 vision tower on 1, 5 and 17 crops; time to first token for one image at num_crops 4 and 16;
 prefill tokens/s; decode tokens/s over 128 tokens at a short context and with 2,048 cached
 tokens; time to first token of a follow-up question in the same chat.  Medians (min-max) of the
-repeats; ratios are vs transformers bf16 (higher = phi3v better).
+repeats; ratios are vs transformers bf16 (higher = phi3v better), and each phi3v variant vs its
+OpenVINO peer (bf16/int8/int4), with the precisions OpenVINO actually ran (inference, KV cache).
 
 examples:
   phi3v bench --quick                      # a few minutes: fewer repeats, smaller workloads
   phi3v bench --out bench.json             # the full run (long on a small CPU)
   phi3v bench -m ./Phi-3-vision-128k-instruct --variants phi3v-bf16,transformers-bf16
+  phi3v bench --variants phi3v-int4,openvino-int4 --quick
 """
 
 
@@ -46,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heavy-repeats", type=int, default=None,
                    help="samples of vision on 17 crops, TTFT and follow-up (default 3)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode sample (default 128)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and OpenVINO) threads (default: torch's)")
     p.add_argument("--vision-all", action="store_true",
                    help="also measure vision and TTFT for int8/int4 (their vision tower is bf16 too)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the full report as JSON")

@@ -1,0 +1,228 @@
+"""A checkpoint -> OpenVINO IR for the `openvino-*` bench variants, converted once and cached.
+
+    python -m phi3v.bench.openvino_convert --model DIR --scheme int4 --out IR_DIR
+
+What is converted, from the checkpoint's own tensors (bench/engines.TransformersEngine builds them):
+  decoder.xml  transformers' Phi3ForCausalLM (Phi-3-vision's decoder is Phi-3-mini), traced with
+               `ov.convert_model` on a step module: inputs_embeds (1, T, hidden), a 4-D additive
+               attention mask (1, 1, T, past+T), position_ids (1, T); the KV cache made stateful
+               (OpenVINO keeps it inside the request, in its KV-cache precision).  Why not
+               optimum-intel: optimum-intel 2.2 needs transformers < 5.6, and this project's
+               test extra resolves a newer one; tracing the same transformers class ourselves keeps
+               one environment.  A 4-D mask is used as given by transformers (no mask-building code
+               in the traced graph), so one graph serves prefill and decode at any length.
+  vision.xml   transformers' CLIPVisionModel, output hidden_states[-2] without the class token (what
+               Phi-3-vision uses), pixel_values (N, 3, 336, 336) -> (N, 576, C).
+Weights as OpenVINO's published Phi-3.5-vision models have them (nncf.compress_weights):
+  bf16: fp16 weights in the IR (the CPU plugin runs them at its bf16 inference precision)
+  int8: decoder INT8_ASYM per output channel, vision INT8_ASYM
+  int4: decoder INT4_ASYM, group 128, ratio 1.0 (NNCF keeps the embedding-adjacent layers int8, its
+        default), vision INT8_ASYM
+The glue (2x2 merge, separators, projector) and the embedding lookup stay in torch, as with the
+transformers variant.  meta.json records what was done.  The folder name carries a key of the
+checkpoint (config, file names, sizes, times) and the scheme: reruns find it and skip conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EXTRA_HINT = "pip install 'phi3v[openvino]'"
+CONVERTER_VERSION = "1"  # bump when the conversion changes: cached IR is then rebuilt
+SCHEMES = ("bf16", "int8", "int4")
+INT4_GROUP = 128
+
+
+def missing_extra() -> str:
+    """'' when openvino and nncf import, else one line saying what to install."""
+    import importlib.util
+
+    missing = [m for m in ("openvino", "nncf") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed: {EXTRA_HINT}" if missing else ""
+
+
+def checkpoint_key(folder: Path) -> str:
+    """A short hash of what the IR is made from: config.json's bytes, each safetensors file's name,
+    size and modification time (not its contents: 8 GB would take a minute to hash)."""
+    h = hashlib.sha256(CONVERTER_VERSION.encode())
+    h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def ir_folder(checkpoint: Path, scheme: str, data_dir: Path) -> Path:
+    return Path(data_dir) / "openvino-ir" / f"{Path(checkpoint).name}-{checkpoint_key(Path(checkpoint))}-{scheme}"
+
+
+def ensure_ir(checkpoint: Path, scheme: str, data_dir: Path, log=print) -> tuple[Path, float | None]:
+    """The IR folder of (checkpoint, scheme), converted first in a child process when missing (its
+    peak memory is the conversion's, not the benchmark's) -> (folder, seconds it took or None)."""
+    folder = ir_folder(checkpoint, scheme, data_dir)
+    if (folder / "meta.json").is_file():
+        return folder, None
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    log(f"converting {checkpoint} to OpenVINO IR ({scheme}) in {folder} (once)")
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "phi3v.bench.openvino_convert", "--model", str(checkpoint), "--scheme", scheme,
+           "--out", str(partial)]
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    if proc.returncode != 0 or not (partial / "meta.json").is_file():
+        raise RuntimeError(f"OpenVINO conversion ({scheme}) failed with exit code {proc.returncode}")
+    partial.rename(folder)
+    return folder, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion (runs in the child process)
+
+
+class _DecoderStep(torch.nn.Module):
+    """Phi3ForCausalLM over an explicit KV cache: (inputs_embeds, mask, positions, *past k/v per
+    layer (1, KVH, P, D)) -> (last-position logits (1, 1, V), *present k/v (1, KVH, P+T, D))."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        for i, layer in enumerate(cache.layers):  # filled directly: no empty-tensor concat in the graph
+            layer.keys, layer.values, layer.is_initialized = past[2 * i], past[2 * i + 1], True
+            layer.device = past[2 * i].device
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+class _VisionTower(torch.nn.Module):
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values):
+        return self.clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
+def state_names(layers: int) -> list[tuple[str, str]]:
+    """(past input, present output) name pairs, one per layer and key/value."""
+    return [(f"past.{i}.{kv}", f"present.{i}.{kv}") for i in range(layers) for kv in ("key", "value")]
+
+
+def convert_decoder(lm):
+    import openvino as ov
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    c = lm.config
+    layers, kvh = c.num_hidden_layers, c.num_key_value_heads
+    d, hidden = c.hidden_size // c.num_attention_heads, c.hidden_size
+    P, T = 3, 5  # example lengths (any: the graph keeps them dynamic)
+    dtype = next(lm.parameters()).dtype
+    example = (torch.randn(1, T, hidden, dtype=dtype), torch.zeros(1, 1, T, P + T, dtype=dtype),
+               torch.arange(P, P + T)[None], *[torch.randn(1, kvh, P, d, dtype=dtype) for _ in range(2 * layers)])
+    with torch.no_grad():
+        # check_trace=False: transformers' cache bookkeeping makes two traces differ textually, not
+        # in what they compute (tests compare the IR's logits with torch's at other lengths).
+        traced = torch.jit.trace(_DecoderStep(lm).eval(), example, check_trace=False, strict=False)
+        model = ov.convert_model(traced, example_input=example)
+    pairs = state_names(layers)
+    for port, name in zip(model.inputs, ["inputs_embeds", "attention_mask", "position_ids"] + [p for p, _ in pairs]):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, ["logits"] + [q for _, q in pairs]):
+        port.get_tensor().set_names({name})
+    model.reshape({"inputs_embeds": [1, -1, hidden], "attention_mask": [1, 1, -1, -1], "position_ids": [1, -1],
+                   **{p: [1, kvh, -1, d] for p, _ in pairs}})  # batch 1: the state starts as (1, KVH, 0, D)
+    apply_make_stateful_transformation(model, dict(pairs))
+    return model
+
+
+def convert_vision(clip):
+    import openvino as ov
+
+    dtype = next(clip.parameters()).dtype
+    example = torch.randn(2, 3, 336, 336, dtype=dtype)
+    with torch.no_grad():
+        model = ov.convert_model(_VisionTower(clip).eval(), example_input=(example,))
+    model.inputs[0].get_tensor().set_names({"pixel_values"})
+    model.reshape({"pixel_values": [-1, 3, 336, 336]})
+    return model
+
+
+def int4_group(hidden: int, intermediate: int) -> int:
+    """128 (the published recipe) when it divides every input width; tiny test models use less."""
+    g = INT4_GROUP
+    while g > 1 and (hidden % g or intermediate % g):
+        g //= 2
+    return g
+
+
+def convert(checkpoint: Path, scheme: str, out: Path, log=print) -> dict:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    import nncf
+    import openvino as ov
+
+    from .engines import TransformersEngine
+
+    start = time.perf_counter()
+    torch_models = TransformersEngine(checkpoint, "float32")
+    torch_models.load()
+    decoder, vision = convert_decoder(torch_models.lm), convert_vision(torch_models.clip)
+    cfg = torch_models.lm.config
+    meta = {"scheme": scheme, "checkpoint": str(checkpoint), "openvino": ov.__version__, "nncf": nncf.__version__,
+            "converter_version": CONVERTER_VERSION, "layers": cfg.num_hidden_layers,
+            "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+            "hidden": cfg.hidden_size, "decoder_weights": "fp16", "vision_weights": "fp16"}
+    del torch_models
+    if scheme == "int4":
+        g = int4_group(cfg.hidden_size, cfg.intermediate_size)
+        decoder = nncf.compress_weights(decoder, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=g, ratio=1.0)
+        meta["decoder_weights"] = f"int4_asym group {g} ratio 1.0 (nncf)"
+    elif scheme == "int8":
+        decoder = nncf.compress_weights(decoder, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        meta["decoder_weights"] = "int8_asym per channel (nncf)"
+    if scheme != "bf16":
+        vision = nncf.compress_weights(vision, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        meta["vision_weights"] = "int8_asym per channel (nncf)"
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(decoder, out / "decoder.xml")  # float weights stored as fp16 (compress_to_fp16)
+    ov.save_model(vision, out / "vision.xml")
+    meta["convert_s"] = time.perf_counter() - start
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+    log(f"converted in {meta['convert_s']:.1f}s: decoder {meta['decoder_weights']}, vision {meta['vision_weights']}")
+    return meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phi3v.bench.openvino_convert")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--scheme", choices=SCHEMES, required=True)
+    p.add_argument("--out", required=True, help="IR folder to write")
+    args = p.parse_args(argv)
+    why = missing_extra()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    convert(Path(args.model), args.scheme, Path(args.out), log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
