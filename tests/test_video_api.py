@@ -145,3 +145,39 @@ def test_bad_video_inputs_are_clear(tiny_model, clip, tmp_path):
     bad = [{"role": "user", "content": [{"type": "video", "video": str(clip), "frames": 0}]}]
     with pytest.raises(VideoError, match="message 0, part 0: frames must be"):
         tiny_model.chat(bad)
+
+
+def test_data_uri_video_part_where_paths_are_refused(tiny_model, clip):
+    import base64
+
+    from phi3v.engine.image import ImageSourcePolicy
+
+    server_like = ImageSourcePolicy(allow_paths=False)
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    part = {"type": "video_url", "video_url": {"url": uri}, "frames": 2}
+    via_uri = tiny_model.prepare(messages=[{"role": "user", "content": [part, "What happens?"]}],
+                                 image_policy=server_like)
+    plain = tiny_model.prepare(prompt="What happens?", video=clip, video_selection=FrameSelection(frames=2))
+    assert via_uri.input_ids == plain.input_ids
+    assert torch.equal(via_uri.images.pixel_values, plain.images.pixel_values)
+    part = {"type": "video_url", "video_url": {"url": str(clip)}}
+    with pytest.raises(VideoError, match="video file paths are not allowed here"):
+        tiny_model.prepare(messages=[{"role": "user", "content": [part, "?"]}], image_policy=server_like)
+
+
+def test_frames_are_decoded_one_at_a_time(clip, monkeypatch):
+    import phi3v.engine.video as video
+    from phi3v.engine.image import ImageSourcePolicy
+    from phi3v.engine.video_input import RequestVideos
+
+    decoded = []
+    real = video.ContainerReader._decode_at
+    monkeypatch.setattr(video.ContainerReader, "_decode_at", lambda self, i: decoded.append(i) or real(self, i))
+    videos = RequestVideos(ImageSourcePolicy(), num_crops=4, context=100_000)
+    refs = videos.add(clip, FrameSelection(frames=4))
+    assert decoded == [0]  # the probe decodes the first frame only (rotation and size)
+    media = videos.open_media(refs, ImageSourcePolicy(), 4)
+    for n in range(1, len(videos.plans[0].indices) + 1):
+        next(media)
+        assert decoded[1:] == videos.plans[0].indices[:n]  # each frame decoded when it is reached
+    videos.close()

@@ -78,6 +78,15 @@ def test_rotation_metadata_is_applied(tmp_path, rotation):
     assert np.abs(rest.astype(int) - colour_at(0)).max() <= CODEC_TOLERANCE
 
 
+def test_old_rotate_tag_is_applied(tmp_path):
+    path = write_video(tmp_path / "tag.mkv", seconds=1, fps=5, rotate_tag="90")  # 90 degrees clockwise
+    with open_video(path) as reader:
+        assert (reader.info.rotation, reader.info.width, reader.info.height) == (270, HEIGHT, WIDTH)
+        got = np.asarray(next(reader.frames([0])))
+    assert got[:4].min() >= 255 - CODEC_TOLERANCE  # the left bar, turned clockwise, is on top
+    assert np.abs(got[HEIGHT // 2:].astype(int) - colour_at(0)).max() <= CODEC_TOLERANCE
+
+
 def test_rotation_drives_the_token_plan(tmp_path):
     from phi3v.engine.video_plan import plan_video
 

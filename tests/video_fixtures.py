@@ -38,7 +38,9 @@ def expected_frame(index: int, fps: int, width: int = WIDTH, height: int = HEIGH
 
 
 def write_video(path, seconds: int = 3, fps: int = 10, rotation: int | None = None, codec: str = "libx264",
-                width: int = WIDTH, height: int = HEIGHT) -> Path:
+                width: int = WIDTH, height: int = HEIGHT, rotate_tag: str | None = None) -> Path:
+    """rotation: a display matrix (counter-clockwise degrees); rotate_tag: an old-style `rotate`
+    stream tag (clockwise degrees; the MKV muxer keeps it, the MP4 muxer drops it)."""
     import av
 
     path = Path(path)
@@ -47,6 +49,8 @@ def write_video(path, seconds: int = 3, fps: int = 10, rotation: int | None = No
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if rotation is not None:
             stream.set_display_rotation(rotation)
+        if rotate_tag is not None:
+            stream.metadata["rotate"] = rotate_tag
         for i in range(seconds * fps):
             frame = av.VideoFrame.from_ndarray(expected_frame(i, fps, width, height), format="rgb24")
             for packet in stream.encode(frame):

@@ -265,10 +265,11 @@ def _declared_seconds(container, stream) -> float | None:
 
 def _frame_rotation(frame, stream) -> int:
     """Counter-clockwise degrees to turn decoded pixels by (0/90/180/270): the display matrix
-    (VideoFrame.rotation), else an old-style `rotate` stream tag (clockwise degrees)."""
+    (VideoFrame.rotation), else an old-style `rotate` stream tag (clockwise degrees; MKV keeps it
+    as a ROTATE tag)."""
     degrees = int(round(getattr(frame, "rotation", 0) or 0))
     if degrees == 0:
-        tag = (stream.metadata or {}).get("rotate")
+        tag = next((v for k, v in (stream.metadata or {}).items() if k.lower() == "rotate"), None)
         try:
             degrees = -int(float(tag)) if tag else 0
         except ValueError:
