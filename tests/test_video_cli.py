@@ -81,7 +81,11 @@ def test_info_plan_equals_the_engine(run_cli, tiny_model_dir, tiny_model, clip, 
     allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     assert plan["memory"]["kv_cache_slots"] == cache.capacity
     assert plan["memory"]["kv_cache_bytes"] == allocated
-    assert plan["memory"]["weights_bytes"] > 0 and plan["memory"]["peak_bytes"] > allocated
+    # the pixel_values and image features the request holds
+    assert plan["memory"]["pixel_bytes"] == prepared.images.pixel_values.numel() * 4
+    features = tiny_model.images.for_prompts([prepared])[0]
+    assert plan["memory"]["feature_bytes"] == sum(f.numel() * f.element_size() for f in features)
+    assert plan["memory"]["peak_bytes"] > allocated + plan["memory"]["weights_bytes"]
 
 
 def test_info_says_when_it_does_not_fit(run_cli, tiny_model_dir, clip):
