@@ -188,3 +188,32 @@ def test_html_opens_in_chromium_without_console_errors(evaluated):
             browser.close()
     assert problems == []
     assert all(u.startswith(("file:", "data:")) for u in requests)  # nothing from the network
+
+
+@pytest.mark.slow
+def test_ray_gives_the_local_answers(evaluated, monkeypatch):
+    """--ray: each variant's records on a fresh local Ray cluster (Ray Data actors loading the
+    variant's weights); greedy answers equal the local run's, into the same kind of store."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'phi3v[ray]'")
+    from phi3v.cli.main import main
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    folder, argv = evaluated
+    out = folder / "ray" / "report.json"
+    ray_argv = [a for a in argv if a != "--quiet"]
+    ray_argv[ray_argv.index("--out") + 1] = str(out)
+    ray_argv[ray_argv.index("--limit") + 1] = "2"
+    assert main(ray_argv + ["--ray", "--ray-actors", "1", "--quiet"]) == 0
+
+    def texts(path):  # the first answer per (variant, record): the max-tokens-4 run's
+        out = {}
+        for x in map(json.loads, path.read_text().splitlines()):
+            out.setdefault((x["variant"], x["record"]), x["text"])
+        return out
+
+    remote, local = texts(folder / "ray" / "report.results.jsonl"), texts(folder / "report.results.jsonl")
+    assert len(remote) == 4 and all(remote[k] == local[k] for k in remote)
+    report = json.loads(out.read_text())
+    assert [v["answered"] for v in report["variants"]] == [2, 2]
