@@ -13,6 +13,11 @@ class ImageError(Phi3VError):
     """An image could not be read or used (unreadable, unsupported, too large, bad base64...)."""
 
 
+class ImageFormatError(ImageError):
+    """The bytes are not an image in a format phi3v can decode (the one case where listing the
+    supported formats helps; a missing, empty or too large image is a plain ImageError)."""
+
+
 class VideoError(ImageError):
     """A video (file, animated image, frame folder) cannot be read or its frames cannot be chosen.
     An ImageError: entry points that report bad images report bad videos the same way."""

@@ -48,23 +48,41 @@ class BatchStats:
     done: int = 0  # finished in this run, errors included
     errors: int = 0  # of `done`, those with an error
     elapsed_s: float = 0.0
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM / the caller leaving the iteration
+    failed: bool = False  # stopped by an error (not a record's: the job's, e.g. Ray missing)
+    earlier_errors: int = 0  # of `skipped`, records whose latest result in the output is an error
+    retried: bool = False  # the run was asked to retry failed records (retry_errors)
 
     @property
     def records_per_s(self) -> float:
         return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-    def summary(self, out: str | os.PathLike | None = None) -> str:
-        head = "batch interrupted" if self.interrupted else "batch finished"
+    @property
+    def all_succeeded(self) -> bool:
+        """Every record of the input has a successful latest result (this run's or an earlier one's)."""
+        return not (self.interrupted or self.failed or self.errors or self.earlier_errors)
+
+    def summary(self, out: str | os.PathLike | None = None, *,
+                retry_hint: str = "run the job again with retry_errors=True",
+                resume_hint: str = "run the job again with the same output to resume") -> str:
+        """One line for a person. The hints name how to retry or resume: the Python keywords by
+        default; `phi3v batch` passes its flags' wording."""
+        head = ("batch stopped by an error" if self.failed else
+                "batch interrupted" if self.interrupted else "batch finished")
         text = (f"{head}: {self.done} done, {self.errors} errors, {self.skipped} skipped "
                 f"(of {self.total}), {self.records_per_s:.2f} records/s, "
                 f"{self.elapsed_s:.1f} s elapsed")
         if out is not None:
             text += f" -> {os.fspath(out)}"
-        if self.interrupted:
-            text += "; run the same command again to resume"
-        elif self.errors:
-            text += "; rerun with --retry-errors to retry the failed records"
+        if self.earlier_errors:
+            text += (f"; {self.earlier_errors} skipped record(s) failed in an earlier run and were not "
+                     "retried")
+        if self.interrupted or self.failed:
+            text += f"; {resume_hint}"
+        elif self.errors and self.retried:
+            text += "; the failed records failed again: see their \"error\" field"
+        elif self.errors or self.earlier_errors:
+            text += f"; {retry_hint} to retry the failed records"
         return text
 
 
@@ -85,7 +103,7 @@ class BatchJob:
         self.out = out
         self.retry_errors = retry_errors
         self.progress = progress
-        self.stats = BatchStats(total=len(jobs))
+        self.stats = BatchStats(total=len(jobs), retried=retry_errors)
         self._runner = runner
         self._started = False
 
@@ -108,9 +126,12 @@ class BatchJob:
         bar = None
         start = time.perf_counter()
         try:
-            skip = done_ids(read_results(self.out), retry_errors=self.retry_errors) if store else set()
+            earlier = read_results(self.out) if store else {}
+            skip = done_ids(earlier, retry_errors=self.retry_errors) if store else set()
             pending = [j for j in self.jobs if j.id not in skip]
             self.stats.skipped = len(self.jobs) - len(pending)
+            self.stats.earlier_errors = sum(1 for j in self.jobs if j.id in skip
+                                            and earlier[j.id].get("error") is not None)
             bar = _progress_bar(len(pending), self.progress)
             start = time.perf_counter()
             for result in self._runner(pending):
@@ -125,8 +146,11 @@ class BatchJob:
                 if bar is not None:
                     bar.update(1)
                 yield result
-        except BaseException:  # KeyboardInterrupt, SIGTERM turned into one, generator closed
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, SIGTERM turned into one, generator closed
             self.stats.interrupted = True
+            raise
+        except BaseException:  # the job itself failed (Ray missing, the output locked, a bug)
+            self.stats.failed = True
             raise
         finally:
             self.stats.elapsed_s = time.perf_counter() - start

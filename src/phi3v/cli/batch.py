@@ -7,8 +7,9 @@
 
 Rerunning the same command resumes (records already in --out are skipped).  SIGTERM and Ctrl-C
 stop the job cleanly: finished records are all in --out, the summary says how far it got.
-Exit status: 0 all records succeeded, 1 some records failed (or the job could not start),
-130 interrupted.  The generation flags are those of the answer commands (phi3v.options, with
+Exit status: 0 all records succeeded, 1 some records failed (in this run, or in an earlier one
+whose failures this run skipped: see --retry-errors), or the job could not start, 130 interrupted.
+A job that cannot start (Ray missing, --out locked by another job) prints its error alone.  The generation flags are those of the answer commands (phi3v.options, with
 their ranges); `python -m phi3v.cli.batch ARGS` is `phi3v batch ARGS`.
 """
 
@@ -128,10 +129,13 @@ def run_command(args) -> int:
         pass  # stats.interrupted is set; everything finished is already in --out
     finally:
         signal.signal(signal.SIGTERM, previous)
-        print(job.stats.summary(args.out), file=sys.stderr, flush=True)
+        if not (job.stats.failed and job.stats.done == 0):  # else the error line says it all
+            print(job.stats.summary(args.out, retry_hint="rerun with --retry-errors",
+                                    resume_hint="run the same command again to resume"),
+                  file=sys.stderr, flush=True)
     if job.stats.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_ERRORS if job.stats.errors else EXIT_OK
+    return EXIT_OK if job.stats.all_succeeded else EXIT_ERRORS
 
 
 def main(argv=None) -> int:

@@ -20,9 +20,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from ..errors import ImageError, Phi3VError
-from .arguments import (HelpFormatter, answer_parent, generation_parent, model_parent, options_from_args,
-                        output_parent, structured_parent)
+from ..errors import ImageError, Phi3VError, PromptTooLongError
+from .arguments import (HelpFormatter, generation_parent, model_parent, options_from_args, output_parent,
+                        structured_parent)
 from .images import CliImage, is_url, open_cli_image, open_cli_images
 from .loading import load_model_from_args
 from .output import format_timings, is_tty, note, print_error, style
@@ -46,12 +46,13 @@ HELP = """commands:
 
 
 def register(sub, name: str) -> None:
-    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), answer_parent(),
-                                      structured_parent()],
+    # no --json (answer_parent): a session's answers stream to the terminal; one JSON answer is `phi3v ask --json`
+    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), structured_parent()],
                        help="an interactive multi-turn session",
                        description="Chat about images: type questions; the answers stream.",
                        epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images attached to the first question")
+    p.add_argument("--no-stream", action="store_true", help="print each answer once it is complete")
     p.set_defaults(func=run)
 
 
@@ -170,6 +171,9 @@ def run_chat(args, model, options) -> int:
             continue
         except Phi3VError as err:
             message, hint = hint_for(err, args)
+            if isinstance(err, PromptTooLongError):  # --num-crops and --max-tokens are fixed for the session
+                hint = ("/reset to start a new conversation (or ask without the new images); for cheaper "
+                        "images start phi3v chat again with a smaller --num-crops")
             print_error(message, hint)
             continue
         if args.no_stream:
@@ -199,8 +203,8 @@ def _command(line: str, session: ChatSession, model, args) -> str | None:
             try:
                 session.pending.append(open_cli_image(rest))
                 note(f"attached {rest} to the next question")
-            except ImageError as err:
-                print_error(str(err), "supported: PNG, JPEG, GIF, WebP, BMP, TIFF files and http(s) URLs")
+            except ImageError as err:  # the hint that fits: the path, the format, ... (cli/running.py)
+                print_error(*hint_for(err, args))
     elif name == "/save":
         if not rest:
             print_error("/save needs a file name", "e.g. /save chat.json")

@@ -81,7 +81,12 @@ def open_cli_image(source: str, stdin_bytes: bytes | None = None) -> CliImage:
         image = open_image(payload, cli_policy())
     except ImageError as err:
         message = str(err)
-        raise ImageError(message if label in message else f"{label}: {message}") from err
+        # the same class (ImageFormatError gets the formats hint, other image errors do not)
+        failure = type(err)(message if label in message else f"{label}: {message}")
+        if is_url(source) and type(err) is ImageError:  # not found, refused, timed out, too many bytes
+            failure.cli_hint = (f"check the URL; phi3v downloads it with a {URL_TIMEOUT_S:g} s deadline and a "
+                                f"{URL_MAX_BYTES >> 20} MiB cap (or save the image and give the file)")
+        raise failure from err
     return CliImage(label=label, image=image, format=image.format or _format_of(payload))
 
 

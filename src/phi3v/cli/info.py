@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..options import OPTION_BY_NAME
-from ..errors import ModelNotFoundError
+from ..errors import CheckpointError, ModelNotFoundError
 from .arguments import HelpFormatter, add_option_flag, model_parent, output_parent, video_parent
 
 STANDARD_NUM_CROPS = (1, 4, 9, 16)
@@ -34,8 +34,8 @@ def find_config_files(model: str) -> tuple[dict | None, dict | None, str]:
         if not cfg_file.is_file():
             raise ModelNotFoundError(f"{model}: folder has no config.json; not a Phi-3-vision checkpoint")
         pre_file = path / "preprocessor_config.json"
-        pre = json.loads(pre_file.read_text()) if pre_file.is_file() else None
-        return json.loads(cfg_file.read_text()), pre, f"folder {path}"
+        pre = _read_json(pre_file) if pre_file.is_file() else None
+        return _read_json(cfg_file), pre, f"folder {path}"
     if model.startswith((".", "/", "~")):  # meant as a folder, and there is none
         raise ModelNotFoundError(f"{model}: no such folder")
     try:
@@ -49,8 +49,19 @@ def find_config_files(model: str) -> tuple[dict | None, dict | None, str]:
         cfg_path = pre_path = None
     if not isinstance(cfg_path, str):
         return None, None, "not in the local cache"
-    pre = json.loads(Path(pre_path).read_text()) if isinstance(pre_path, str) else None
-    return json.loads(Path(cfg_path).read_text()), pre, "the Hugging Face cache"
+    pre = _read_json(Path(pre_path)) if isinstance(pre_path, str) else None
+    return _read_json(Path(cfg_path)), pre, "the Hugging Face cache"
+
+
+def _read_json(file: Path) -> dict:
+    """A checkpoint's JSON file; unreadable or malformed -> CheckpointError (as loading says it)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"cannot read {file.name} in {file.parent}: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file.name} in {file.parent} is not a JSON object")
+    return data
 
 
 def model_info(model: str, dtype: str, device: str) -> dict:

@@ -35,8 +35,16 @@ def load_model_from_args(args):
                            image_cache_mb=getattr(args, "image_cache_mb", 512))
     args.load_s = time.perf_counter() - start
     if getattr(args, "verbose", False):
-        note(f"loaded {model.name} on {model.device} ({dtype_name(model.dtype)}) in {args.load_s:.2f}s")
+        note(f"loaded {model.name} on {model.device} ({weights_kind(model)}) in {args.load_s:.2f}s")
     return model
+
+
+def weights_kind(model) -> str:
+    """"bfloat16", or "int4 (group 128) weights, bfloat16 compute" for a quantized model (--quantize
+    or a `phi3v quantize` checkpoint): the decoder's weights are not in the compute dtype then."""
+    compute = dtype_name(model.dtype)
+    quantization = getattr(getattr(model, "module", None), "quantization", None)
+    return compute if quantization is None else f"{quantization.label()} weights, {compute} compute"
 
 
 def dtype_name(dtype) -> str:

@@ -27,7 +27,7 @@ CLIP tower and projector keep the source dtype.
 examples:
   phi3v quantize microsoft/Phi-3-vision-128k-instruct phi3v-int4 --scheme int4
   phi3v quantize ./Phi-3.5-vision-instruct ./phi35v-int8 --scheme int8
-  phi3v ask -m phi3v-int4 "What is in this picture?" photo.jpg
+  phi3v ask -m phi3v-int4 photo.jpg -p "What is in this picture?"
 """
 
 

@@ -18,7 +18,7 @@ import sys
 from ..errors import (
     CheckpointError,
     DeviceError,
-    ImageError,
+    ImageFormatError,
     ModelNotFoundError,
     Phi3VError,
     PromptError,
@@ -30,7 +30,8 @@ from .output import print_error
 _HINTS = [
     (PromptTooLongError, "use a smaller --num-crops, fewer images, a shorter prompt or a smaller --max-tokens"),
     (TooManyImagesError, "give fewer images"),
-    (ImageError, "supported: PNG, JPEG, GIF (first frame), WebP, BMP, TIFF files, \"-\" for stdin, http(s) URLs"),
+    # only for a format problem: a missing, empty or too large image says what to do in its message
+    (ImageFormatError, "supported: PNG, JPEG, GIF (first frame), WebP, BMP, TIFF files, \"-\" for stdin, http(s) URLs"),
     (ModelNotFoundError, "pass a checkpoint folder with --model, or fetch the model once while "
                          "online: phi3v download MODEL"),
     (CheckpointError, "the folder is not a complete Phi-3-vision checkpoint; download it again "

@@ -3,6 +3,11 @@
 The server's flags come from the fields of phi3v.server.settings.ServerSettings (one flag per
 setting, see `setting` there); --host, --port and --log-level are uvicorn's, not the app's.
 `python -m phi3v.server ARGS` is `phi3v serve ARGS`.
+
+The order of start-up (cli/listen_socket.py): the optional extras are checked, then the socket is
+bound, then the model loads, then "serving at URL" is printed and uvicorn takes the socket over.
+Exit status: 0 stopped by SIGTERM (after the drain), 1 an error (a missing extra, a busy port, a
+model that does not load, a server that did not start), 2 a usage error (a bad --port...), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import sys
 from dataclasses import fields
 
 from ..server.settings import ServerSettings
-from .arguments import HelpFormatter, model_parent, number, with_default
+from .arguments import HelpFormatter, model_parent, number, output_parent, with_default
+from .listen_socket import bind_listener, port_number, socket_url
 from .configuration import configurable
 from .loading import load_model_from_args
+from .output import print_error
 from .running import missing_extra
 from .serve_ray import add_arguments as add_ray_arguments
 
@@ -34,14 +41,15 @@ EPILOG = """examples:
 
 def register(sub, name: str) -> None:
     parser = sub.add_parser(
-        name, parents=[model_parent()], help="run the OpenAI-compatible server and its web page",
+        name, parents=[model_parent(), output_parent()], help="run the OpenAI-compatible server and its web page",
         description="Serve POST /v1/chat/completions (OpenAI-compatible, images as data: URIs), "
                     "GET /v1/models, GET /health and a chat web page at /. The model loads once, at start-up.",
         epilog=EPILOG, formatter_class=HelpFormatter)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=LOOPBACK,
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    g.add_argument("--port", type=port_number, default=8000,
+                   help="TCP port, 0-65535; 0 lets the system choose one (default 8000)")
     add_settings_arguments(g)
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
@@ -109,11 +117,6 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         raise missing_extra(err, "serve", "server") from None
 
-    from ..server import create_app
-    from ..server.connections import uvicorn_config
-    from ..server.request_log import configure_logging
-    from ..server.shutdown import DrainingServer
-
     settings = served_settings(args)
     if not _is_loopback(args.host) and settings.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use "
@@ -122,11 +125,26 @@ def run(args: argparse.Namespace) -> int:
         from .serve_ray import run_on_ray
 
         return run_on_ray(args, settings)
-    print(f"phi3v: loading {args.model} ...", file=sys.stderr)
+    # Bound before the model loads: a busy port fails at once (exit 1), not after the load.
+    listener = bind_listener(args.host, args.port)
+    try:
+        return _serve(args, settings, listener)
+    finally:
+        listener.close()
+
+
+def _serve(args: argparse.Namespace, settings: ServerSettings, listener) -> int:
+    from ..server import create_app
+    from ..server.connections import uvicorn_config
+    from ..server.request_log import configure_logging
+    from ..server.shutdown import DrainingServer
+
+    if not args.quiet:
+        print(f"phi3v: loading {args.model} ...", file=sys.stderr)
     model = load_model_from_args(args)  # same loading (dtype "auto", progress rules) as the other commands
     app = create_app(model, settings)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"phi3v: serving {model.name} at http://{shown}:{args.port}/  (API: /v1/chat/completions)",
+    # The socket is bound and listening: a client connecting from now on waits in its backlog.
+    print(f"phi3v: serving {model.name} at {socket_url(listener)}  (API: /v1/chat/completions)",
           file=sys.stderr)
     # --log-format json: every line one JSON object, uvicorn's too (server/request_log.py).
     log_options = configure_logging(args.log_level, settings.log_format)
@@ -136,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
     # --shutdown-timeout-s to finish; then the process exits 0.
     server = DrainingServer(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            **log_options), app.state.lifecycle)
-    server.run()
-    return 0 if server.started else 3  # as uvicorn.run: it never started (port in use, ...)
+    server.run(sockets=[listener])
+    if not server.started:  # the app's start-up failed (its error is in the log above)
+        print_error("the server did not start (see the log above)")
+        return 1
+    return 0
 
 
 def _is_loopback(host: str) -> bool:

@@ -33,8 +33,8 @@ _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0
 
 _SUPPORTED_HINT = (f"supported: {', '.join(SUPPORTED_HUB_MODELS)}, or a local folder "
                    "with config.json and *.safetensors")
-_LOCAL_HINT = ('point at a local folder instead: phi3v.load("/path/to/folder") in Python, '
-               "--model /path/to/folder on the command line")
+# Neutral wording (the engine's message serves Python and the CLI; the CLI adds its own hint line).
+_LOCAL_HINT = "or give a local checkpoint folder instead of the hub id"
 
 
 def is_repo_id(name: str) -> bool:
@@ -104,8 +104,7 @@ def _resolve_hub_id(repo_id: str, *, progress: bool, revision: str | None, cache
     if _hub_offline():
         raise ModelNotFoundError(
             f"model {where} is not in the Hugging Face cache ({_cache_location(cache_dir)}) and the hub is "
-            f"offline (HF_HUB_OFFLINE=1), so it cannot be downloaded; unset HF_HUB_OFFLINE and retry, or "
-            f"{_LOCAL_HINT}")
+            f"offline (HF_HUB_OFFLINE=1): unset it to download the model, {_LOCAL_HINT}")
     folder = _download(repo_id, revision=revision, progress=progress, cache_dir=cache_dir)
     return _check_model_folder(folder, shown=f"{repo_id} -> {folder}")
 
@@ -151,7 +150,7 @@ def _download(repo_id: str, *, revision: str | None, progress: bool, cache_dir) 
     except GatedRepoError as err:
         raise ModelNotFoundError(
             f"model {where} is gated on the hub: accept its licence on huggingface.co and log in "
-            f"(`hf auth login` or HF_TOKEN), or {_LOCAL_HINT}") from err
+            f"(`hf auth login` or HF_TOKEN), {_LOCAL_HINT}") from err
     except RepositoryNotFoundError as err:
         raise ModelNotFoundError(
             f"model {where} was not found on the hub (wrong id, or private without a token); "
@@ -161,6 +160,6 @@ def _download(repo_id: str, *, revision: str | None, progress: bool, cache_dir) 
     except (LocalEntryNotFoundError, ConnectionError) as err:
         raise ModelNotFoundError(
             f"model {where} is not in the Hugging Face cache ({_cache_location(cache_dir)}) and the hub "
-            f"cannot be reached (offline or no network), so it cannot be downloaded; {_LOCAL_HINT}") from err
+            f"cannot be reached (offline or no network): connect to download it, {_LOCAL_HINT}") from err
     except OSError as err:  # other HTTP errors (HfHubHTTPError is an OSError), disk full, ...
         raise ModelNotFoundError(f"could not download model {where}: {err}") from err

@@ -39,7 +39,7 @@ from .image_source import (
     looks_like_file_name,
     short_repr as _short,
 )
-from ..errors import ImageError, Phi3VError
+from ..errors import ImageError, ImageFormatError, Phi3VError
 
 CROP_SIZE = 336  # CLIP ViT-L/14-336 input side; HD images have sides that are multiples of it
 TOKENS_PER_CROP = 144  # 24x24 patches merged 2x2 -> 12x12 feature vectors per crop
@@ -302,10 +302,12 @@ def _probe(encoded: _Encoded, policy: ImageSourcePolicy, num_crops: int | None =
 
 
 def _open_header(data: bytes, name: str) -> Image.Image:
+    if not data:  # a 0-byte file (an interrupted download, a failed save) is not a format problem
+        raise ImageError(f"{name} is empty (0 bytes)")
     try:
         return Image.open(io.BytesIO(data))  # lazy: reads only the header
     except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image in a supported format") from None
+        raise ImageFormatError(f"{name} is not an image in a supported format") from None
     except Image.DecompressionBombError:  # over Pillow's own hard limit (~179 Mpx)
         raise ImageError(f"{name} declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, "
                          "too large to decode (decompression bomb protection: refused before decoding)") from None

@@ -22,6 +22,7 @@ instead of X.weight, and config.json records the scheme under CONFIG_KEY.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -241,6 +242,8 @@ class _ShardWriter:
         if self.pending or not self.written:
             self._flush()
         n = len(self.written)
+        for tmp, _ in self.written:
+            _readable_like_other_files(self.out_dir / tmp)
         if n == 1:
             (self.out_dir / self.written[0][0]).replace(self.out_dir / "model.safetensors")
             return
@@ -322,3 +325,11 @@ def save_quantized(model, out_dir, *, shard_bytes: int = SHARD_BYTES) -> Path:
             writer.add(name, t)
     writer.finish()
     return out_dir
+
+
+def _readable_like_other_files(path) -> None:
+    """safetensors writes its files with mode 0600; give a shard the mode a plain new file gets
+    (0666 less the umask, usually 0644), as config.json and the tokenizer files next to it have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
