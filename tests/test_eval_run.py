@@ -110,7 +110,8 @@ def test_video_records_reach_the_engine_video_input(tiny_model, tmp_path):
         Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(tmp_path / "frames" / f"{i}.png")
     data = tmp_path / "v.jsonl"
     data.write_text(json.dumps({"id": "clip", "video": "frames", "question": "q", "answers": ["a"]}) + "\n"
-                    + json.dumps({"id": "one", "images": ["frames/0.png"], "question": "q", "answers": ["a"]}) + "\n")
+                    + json.dumps({"id": "one", "images": ["frames/0.png"], "question": "q", "answers": ["a"]}) + "\n"
+                    + json.dumps({"id": "gone", "images": ["nope.png"], "question": "q", "answers": ["a"]}) + "\n")
     run = EvalRun(read_data(data), parse_variants("fp32", "2"), model="tiny", results=tmp_path / "r.jsonl",
                   load=lambda variant: tiny_model, max_new_tokens=2)
     run.run()
@@ -118,6 +119,33 @@ def test_video_records_reach_the_engine_video_input(tiny_model, tmp_path):
     clip, one = answers[("fp32", "clip")], answers[("fp32", "one")]
     assert clip["error"] is None and one["error"] is None
     assert clip["usage"]["image_tokens"] == 3 * one["usage"]["image_tokens"]  # three frames, same size
+    assert answers[("fp32", "gone")]["error"].startswith("ImageError")  # a bad record fails alone
+    from phi3v.eval.report_html import render_html
+    from phi3v.eval.summary import summarise
+
+    report = summarise(run.records, run.variants, answers)
+    assert report["variants"][0]["errors"] == 1 and report["variants"][0]["answered"] == 2
+    assert "ImageError" in render_html(report)
+
+
+def test_num_crops_and_prompt_variants(evaluated, tiny_model_dir, run_cli):
+    folder, _ = evaluated
+    code, out, err = run_cli("eval", folder / "sample" / "records.jsonl", "--out", folder / "grid.json",
+                             "--variants", "fp32", "--num-crops", "1,4", "--prompt", "{question}",
+                             "--prompt", "Q: {question} A:", "--model", tiny_model_dir, "--device", "cpu",
+                             "--max-tokens", "2", "--limit", "2", "--quiet")
+    assert code == 0, err
+    report = json.loads((folder / "grid.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["fp32/c1/p1", "fp32/c1/p2", "fp32/c4/p1", "fp32/c4/p2"]
+    assert "fp32/c4/p2: num_crops 4, prompt 'Q: {question} A:'" in out
+    lines = [json.loads(x) for x in (folder / "grid.results.jsonl").read_text().splitlines()]
+    by = {(x["variant"], x["record"]): x for x in lines}
+    rid = report["rows"][0]["id"]
+    assert by[("fp32/c1/p2", rid)]["prompt"] == "Q: " + report["rows"][0]["question"] + " A:"
+    assert by[("fp32/c1/p1", rid)]["usage"]["image_tokens"] < by[("fp32/c4/p1", rid)]["usage"]["image_tokens"]
+    # the same pixels and features serve both prompts of one num_crops
+    assert report["variants"][1]["features_reused"] == 1.0
 
 
 def test_summary_agreement_and_disagreements_by_hand():

@@ -15,7 +15,7 @@ import base64
 import html
 import io
 
-from .report_text import table_rows
+from .report_text import settings_lines, table_rows
 
 THUMB_PX = 240
 MAX_DISAGREEMENTS = 100
@@ -151,6 +151,9 @@ def render_html(report: dict) -> str:
             f"model {_e(report['model'])} · reference variant {_e(report['reference'])}"
             + (f"<br>{_e(opts)}" if opts else "") + "</p>",
             "<h2>Variants</h2>", _table(report)]
+    settings = settings_lines(report)
+    if settings:
+        body.append('<ul class="muted">' + "".join(f"<li>{_e(line)}</li>" for line in settings) + "</ul>")
     if report.get("lower_is_better"):
         body.append(f'<p class="muted">{_e(", ".join(report["metric_labels"][m] for m in report["lower_is_better"]))}'
                     ": error rates, lower is better. score: mean per-record score in [0, 1]. agree: same answer as "

@@ -29,6 +29,18 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def settings_lines(report: dict) -> list[str]:
+    """"name: num_crops N, prompt '...'" for variants whose name abbreviates a setting (/cN, /pK)."""
+    out = []
+    for v in report["variants"]:
+        st = v["settings"]
+        parts = ([f"num_crops {st['num_crops']}"] if st.get("num_crops") else []) + (
+            [f"prompt {st['prompt']!r}"] if st.get("prompt") else [])
+        if parts and "/" in v["name"]:
+            out.append(f"{v['name']}: {', '.join(parts)}")
+    return out
+
+
 def render_table(report: dict) -> str:
     head, rows = table_rows(report)
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
@@ -36,6 +48,8 @@ def render_table(report: dict) -> str:
     for row in [head] + rows:
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
+    for line in settings_lines(report):
+        lines.append(line)
     lower = report.get("lower_is_better") or []
     if lower:
         lines.append(f"({', '.join(report['metric_labels'][m] for m in lower)}: error rates, lower is better)")
