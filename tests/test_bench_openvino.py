@@ -101,7 +101,9 @@ def test_a_worker_run_measures_the_plan_and_reports_what_ran(checkpoint, irs, tm
     rt = res["runtime"]
     assert "INFERENCE_PRECISION_HINT" in rt["decoder"] and "KV_CACHE_PRECISION" in rt["decoder"]
     assert any(k.startswith("FullyConnected:u4") for k in rt["decoder_nodes"])  # int4 weights did run
-    assert any(k.startswith("MemoryInput:") for k in rt["decoder_nodes"])  # the KV state's precision
+    # the plugin fused attention with the KV cache in every layer (so KV_CACHE_PRECISION applies)
+    assert sum(rt["kv_cache_nodes"].values()) == json.loads((irs[1]["int4"][0] / "meta.json").read_text())["layers"]
+    assert len(rt["kv_cache_nodes"]) == 1  # one precision (the CPU plugin's default: u8 on AVX-512 CPUs)
 
     phi = {"load_s": 1.0, "rss_after_load_gib": 1.0, "peak_rss_gib": 1.0,
            "metrics": {m: [v[0] / 2 if m.endswith("_tok_s") else v[0] * 2] for m, v in res["metrics"].items()}}
@@ -111,7 +113,7 @@ def test_a_worker_run_measures_the_plan_and_reports_what_ran(checkpoint, irs, tm
     assert report["variants"]["openvino-int4"]["runtime"] == rt
     table = markdown_table(report)
     assert "| phi3v-int4 vs openvino-int4 |" in table and "| decode_short_tok_s | 0.50x |" in table
-    assert "openvino-int4: OpenVINO" in table and "KV state kept in" in table
+    assert "openvino-int4: OpenVINO" in table and "KV cache in " in table
 
 
 def test_without_the_extra_the_variants_are_skipped_with_a_note(checkpoint, tmp_path, monkeypatch):

@@ -5,8 +5,9 @@
 What is converted, from the checkpoint's own tensors (bench/engines.TransformersEngine builds them):
   decoder.xml  transformers' Phi3ForCausalLM (Phi-3-vision's decoder is Phi-3-mini), traced with
                `ov.convert_model` on a step module: inputs_embeds (1, T, hidden), a 4-D additive
-               attention mask (1, 1, T, past+T), position_ids (1, T); the KV cache made stateful
-               (OpenVINO keeps it inside the request, in its KV-cache precision).  Why not
+               attention mask (1, 1, T, past+T), position_ids (1, T), beam_idx (1,) = [0]; the KV
+               cache made stateful the way OpenVINO's LLM exports are (make_stateful), so the CPU
+               plugin fuses attention with it and keeps it in its KV-cache precision.  Why not
                optimum-intel: optimum-intel 2.2 needs transformers < 5.6, and this project's
                test extra resolves a newer one; tracing the same transformers class ourselves keeps
                one environment.  A 4-D mask is used as given by transformers (no mask-building code
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 EXTRA_HINT = "pip install 'phi3v[openvino]'"
-CONVERTER_VERSION = "1"  # bump when the conversion changes: cached IR is then rebuilt
+CONVERTER_VERSION = "2"  # bump when the conversion changes: cached IR is then rebuilt
 SCHEMES = ("bf16", "int8", "int4")
 INT4_GROUP = 128
 
@@ -126,11 +127,49 @@ def state_names(layers: int) -> list[tuple[str, str]]:
     return [(f"past.{i}.{kv}", f"present.{i}.{kv}") for i in range(layers) for kv in ("key", "value")]
 
 
+def make_stateful(model, pairs: list[tuple[str, str]], kv_heads: int, head_dim: int) -> None:
+    """Each (past input, present output) pair becomes one variable: ReadValue (starting as an empty
+    (1, KVH, 0, D) cache) -> Gather(beam_idx) -> the layer's Concat, whose result is Assigned back.
+    That is the graph shape OpenVINO's own LLM exports have, and the one the CPU plugin fuses into
+    its attention-with-KV-cache node, where the cache is kept in KV_CACHE_PRECISION.
+    (apply_make_stateful_transformation alone leaves the ReadValue without an initial value, and
+    the fused node then fails to compile; without the Gather the fusion does not happen.)"""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino.op import assign
+    from openvino.op.util import Variable, VariableInfo
+
+    beam = ops.parameter(ov.PartialShape([1]), ov.Type.i32, name="beam_idx")
+    beam.output(0).get_tensor().set_names({"beam_idx"})
+    model.add_parameters([beam])
+    for past, present in pairs:
+        param, result = model.input(past).get_node(), model.output(present).get_node()
+        info = VariableInfo()
+        info.data_shape = ov.PartialShape([1, kv_heads, -1, head_dim])
+        info.data_type = param.get_output_element_type(0)
+        info.variable_id = past
+        var = Variable(info)
+        empty = ops.broadcast(ops.constant(np.array(0, dtype=np.float32)).output(0),
+                              ops.constant(np.array([1, kv_heads, 0, head_dim], dtype=np.int64)).output(0))
+        state = ops.gather(ops.read_value(empty, var), beam, ops.constant(np.int64(0)))
+        for target in param.output(0).get_target_inputs():
+            target.replace_source_output(state.output(0))
+        model.add_variables([var])
+        model.add_sinks([assign(result.input_value(0).get_node(), var)])
+        model.remove_result(result)
+        model.remove_parameter(param)
+    model.validate_nodes_and_infer_types()
+
+
 def convert_decoder(lm):
     import openvino as ov
-    from openvino._offline_transformations import apply_make_stateful_transformation
 
     c = lm.config
+    # Phi-3's sliding window (131072) is never reached within its context, but transformers' cache
+    # for it trims what it keeps (a Slice between the Concat and the stored state), which hides
+    # the pattern the CPU plugin fuses (see make_stateful).  The attention is the same without it.
+    c.sliding_window = None
     layers, kvh = c.num_hidden_layers, c.num_key_value_heads
     d, hidden = c.hidden_size // c.num_attention_heads, c.hidden_size
     P, T = 3, 5  # example lengths (any: the graph keeps them dynamic)
@@ -148,8 +187,8 @@ def convert_decoder(lm):
     for port, name in zip(model.outputs, ["logits"] + [q for _, q in pairs]):
         port.get_tensor().set_names({name})
     model.reshape({"inputs_embeds": [1, -1, hidden], "attention_mask": [1, 1, -1, -1], "position_ids": [1, -1],
-                   **{p: [1, kvh, -1, d] for p, _ in pairs}})  # batch 1: the state starts as (1, KVH, 0, D)
-    apply_make_stateful_transformation(model, dict(pairs))
+                   **{p: [1, kvh, -1, d] for p, _ in pairs}})  # batch 1
+    make_stateful(model, pairs, kvh, d)
     return model
 
 

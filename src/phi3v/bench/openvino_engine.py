@@ -81,22 +81,33 @@ class OpenVINOEngine(TransformersEngine):
 
         def precisions(compiled) -> dict:
             """'node kind:runtime precision' -> count, over the nodes that do the work (matrix
-            products, attention, the MLP/attention subgraphs) and the KV-cache state (MemoryInput:
-            the precision the cache is actually kept in, whatever KV_CACHE_PRECISION says)."""
+            products, attention, the fused subgraphs) and MemoryInput (a KV state the plugin did not
+            fuse into its attention is kept at that precision)."""
             seen = Counter()
             for op in compiled.get_runtime_model().get_ops():
                 info = op.get_rt_info()
                 kind = info["layerType"].value if "layerType" in info else op.get_type_name()
-                if kind in ("FullyConnected", "MatMul", "ScaledDotProductAttention", "ScaledAttnWithKVCache",
-                            "Convolution", "Subgraph", "MemoryInput"):
+                if kind in ("FullyConnected", "MatMul", "ScaledDotProductAttention", "Convolution", "Subgraph",
+                            "MemoryInput"):
                     prec = info["runtimePrecision"].value if "runtimePrecision" in info else "?"
                     seen[f"{kind}:{prec}"] += 1
             return dict(sorted(seen.items()))
 
+        def kv_cache(compiled) -> dict:
+            """KV-cache precision -> count of attention nodes that hold the cache themselves (the
+            plugin's fused attention-with-cache; its rt_info says how it stores keys/values)."""
+            seen = Counter()
+            for op in compiled.get_runtime_model().get_ops():
+                info = op.get_rt_info()
+                if "kv_cache_precision" in info:
+                    seen[info["kv_cache_precision"].value] += 1
+            return dict(seen)
+
         return {"openvino": ov.__version__, "decoder_weights": self.meta["decoder_weights"],
                 "vision_weights": self.meta["vision_weights"], "convert_s": self.meta.get("convert_s"),
                 "compile_s": self.compile_s, "decoder": props(self.decoder), "vision": props(self.vision),
-                "decoder_nodes": precisions(self.decoder), "vision_nodes": precisions(self.vision)}
+                "decoder_nodes": precisions(self.decoder), "vision_nodes": precisions(self.vision),
+                "kv_cache_nodes": kv_cache(self.decoder)}
 
     # -- vision ----------------------------------------------------------------------------------
     def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,8 @@ class OpenVINOEngine(TransformersEngine):
         if T > 1:  # causal within the new tokens; every cached slot is visible
             mask[0, 0, :, P:] = np.triu(np.full((T, T), _NEG, dtype=np.float32), 1)
         out = self.request.infer({"inputs_embeds": embeds.float().numpy()[None], "attention_mask": mask,
-                                  "position_ids": np.arange(P, P + T, dtype=np.int64)[None]})
+                                  "position_ids": np.arange(P, P + T, dtype=np.int64)[None],
+                                  "beam_idx": np.zeros(1, dtype=np.int32)})
         self.past = P + T
         return torch.from_numpy(out["logits"][0, -1].copy())
 

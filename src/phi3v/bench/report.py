@@ -65,12 +65,17 @@ def _vs_openvino(variants: dict) -> dict:
 def runtime_line(variant: str, info: dict) -> str:
     """One line: what OpenVINO executed (compiled-model properties and node runtime precisions)."""
     dec = info.get("decoder", {})
-    kv_nodes = {k.split(":")[1] for k in info.get("decoder_nodes", {}) if k.startswith("MemoryInput:")}
+    fused = info.get("kv_cache_nodes") or {}
+    if fused:  # the plugin's attention holds the cache, in this precision
+        kv = "KV cache in " + ", ".join(f"{p} ({n} attention nodes)" for p, n in sorted(fused.items()))
+    else:  # not fused: the state is kept at the MemoryInput nodes' precision
+        states = {k.split(":")[1] for k in info.get("decoder_nodes", {}) if k.startswith("MemoryInput:")}
+        kv = f"KV cache not fused, state kept in {', '.join(sorted(states)) or '?'}"
     products = sorted({k for k in info.get("decoder_nodes", {}) if k.startswith("FullyConnected:")})
     return (f"{variant}: OpenVINO {info.get('openvino', '?').split('-')[0]}, decoder weights "
             f"{info.get('decoder_weights')}, vision weights {info.get('vision_weights')}; inference precision "
             f"{dec.get('INFERENCE_PRECISION_HINT', '?')}, KV_CACHE_PRECISION {dec.get('KV_CACHE_PRECISION', '?')}, "
-            f"KV state kept in {', '.join(sorted(kv_nodes)) or '?'}, dynamic quantization group "
+            f"{kv}, dynamic quantization group "
             f"{dec.get('DYNAMIC_QUANTIZATION_GROUP_SIZE', '?')}; matrix products {', '.join(products) or '?'}")
 
 
