@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import socket
 import stat
 import subprocess
@@ -22,6 +21,7 @@ import time
 
 import pytest
 from PIL import Image
+from shell_lines import example_argv
 
 import phi3v.cli.main as cli
 
@@ -136,22 +136,6 @@ def help_examples():
             line = line.strip()
             if line.startswith("phi3v "):
                 yield pytest.param(line, id=f"{name}: {line[:60]}")
-
-
-SHELL_OPERATORS = {"|", ">", ">>", "<", "&&", "||", ";", "&", "2>"}
-
-
-def example_argv(line: str) -> list[str]:
-    """phi3v's arguments in a shell line "phi3v ARGS [| > < ...] [# comment] [(explanation)]"."""
-    line = re.split(r"\s{3,}", line)[0]  # an explanation after a wide gap: "phi3v config      every option"
-    lexer = shlex.shlex(line.rstrip("\\"), posix=True, punctuation_chars=True)  # a continued line: its part
-    lexer.whitespace_split = True
-    words = []
-    for word in lexer:
-        if word in SHELL_OPERATORS or word.startswith(("(", "#")):
-            break
-        words.append(word)
-    return words[1:]
 
 
 @pytest.mark.parametrize("line", list(help_examples()))
