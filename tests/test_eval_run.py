@@ -217,6 +217,9 @@ def test_html_opens_in_chromium_without_console_errors(evaluated):
             assert page.locator("table").first.locator("tr").count() == 3  # header + 2 variants
             broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
             assert broken == 0
+            page.set_viewport_size({"width": 1280, "height": 900})
+            page.click("summary")  # every record's answers unfolded: long answers wrap, no sideways scroll
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1280
         finally:
             browser.close()
     assert problems == []

@@ -26,7 +26,9 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24
   color:#1d1d1f;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .meta{color:#555;margin:0 0 12px}
 table{border-collapse:collapse;margin:8px 0} th,td{padding:4px 8px;border-bottom:1px solid #e3e3e3;text-align:right}
-th{background:#f5f5f7;font-weight:600;white-space:nowrap} td{white-space:nowrap}
+th{background:#f5f5f7;font-weight:600;white-space:nowrap} .wide td{white-space:nowrap}
+.all{table-layout:fixed;width:100%} .all td{text-align:left;vertical-align:top;overflow-wrap:anywhere;white-space:pre-wrap}
+.qa td{overflow-wrap:anywhere}
 td:first-child,th:first-child{text-align:left}
 .record{border:1px solid #ddd;border-radius:8px;padding:12px;margin:12px 0;display:flex;gap:16px}
 .thumbs img{display:block;max-width:240px;max-height:240px;border:1px solid #ccc;margin-bottom:6px}
@@ -168,7 +170,7 @@ def render_html(report: dict) -> str:
     body += [_record_block(rows[rid], variants, thumbs) for rid in shown]
     if n > len(shown):
         body.append(f'<p class="muted">{n - len(shown)} more in the JSON report.</p>')
-    body.append("<h2>All records</h2><details><summary>answers of every variant</summary><table><tr><th>id</th>"
+    body.append("<h2>All records</h2><details><summary>answers of every variant</summary><table class=\"all\"><tr><th>id</th>"
                 "<th>accepted</th>" + "".join(f"<th>{_e(v)}</th>" for v in variants) + "</tr>")
     for row in report["rows"]:
         cells = []
