@@ -289,3 +289,16 @@ def test_load_refuses_an_unknown_device_clearly(tiny_model_dir):
         phi3v.load(str(tiny_model_dir), device="tpu", progress=False)
     with pytest.raises(DeviceError, match="float16"):
         phi3v.load(str(tiny_model_dir), dtype="int3", progress=False)
+
+
+def test_unexpected_errors_suggest_verbose_only_where_the_command_has_it(capsys):
+    from phi3v.cli.running import run_with_errors
+
+    def broken(args):
+        raise ValueError("boom")
+
+    assert run_with_errors(broken, argparse.Namespace(verbose=False)) == 1
+    assert "hint: run again with --verbose" in capsys.readouterr().err
+    assert run_with_errors(broken, argparse.Namespace()) == 1  # a command without -v/--verbose
+    err = capsys.readouterr().err
+    assert "phi3v: error: unexpected ValueError: boom" in err and "--verbose" not in err

@@ -90,9 +90,10 @@ def run_with_errors(fn, args) -> int:
 
             traceback.print_exc()
             print_error(f"{type(err).__name__}: {err}")
-        else:
-            print_error(f"unexpected {type(err).__name__}: {err}",
-                        "run again with --verbose for the traceback")
+        else:  # a command without --verbose must not be told to use it
+            hint = ("run again with --verbose for the traceback" if hasattr(args, "verbose")
+                    else "this is a bug or an environment problem: please report it with the command line")
+            print_error(f"unexpected {type(err).__name__}: {err}", hint)
         return 1
 
 
