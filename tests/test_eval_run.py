@@ -75,6 +75,18 @@ def test_int8_reuses_the_bf16_image_features(evaluated):
     assert int8["vision_s"] < bf16["vision_s"]
 
 
+def test_features_skip_a_variant_of_another_dtype(evaluated, tiny_model_dir, run_cli):
+    """bf16, fp32, int8: fp32 encodes its own features, int8 still takes bf16's."""
+    folder, _ = evaluated
+    code, _, err = run_cli("eval", folder / "sample" / "records.jsonl", "--out", folder / "dtypes.json",
+                           "--variants", "bf16,fp32,int8", "--model", tiny_model_dir, "--device", "cpu",
+                           "--max-tokens", "2", "--limit", "3", "--quiet")
+    assert code == 0, err
+    bf16, fp32, int8 = json.loads((folder / "dtypes.json").read_text())["variants"]
+    assert int8["features_reused"] == 1.0
+    assert fp32["features_reused"] == bf16["features_reused"] < 1.0  # the same within-variant reuse only
+
+
 def test_rerun_resumes_and_a_changed_setting_asks_again(evaluated, run_cli):
     folder, argv = evaluated
     store = folder / "report.results.jsonl"

@@ -13,9 +13,9 @@ batch's result (batch/local_runner.make_result) plus "variant", "record" and "im
 options, the prompt and the images, so a changed setting or record is asked again and a rerun of the
 same command only asks what is missing (with retry_errors, also what failed).
 
-Variants run one after another with one model in memory. The next variant takes over the previous
-one's pixel cache (always valid) and its feature cache when they share a compute dtype
-(variants.py says why); image_cache_mb sizes them (default 2 GiB; a 16-crop image is ~23 MB of
+Variants run one after another with one model in memory. Each takes over the pixel cache of the
+ones before it (always valid) and the feature cache of those with its compute dtype (variants.py
+says why); image_cache_mb sizes them (default 2 GiB; a 16-crop image is ~23 MB of
 pixels and ~15 MB of features).  With `ray`, each variant's records go to Ray actors
 (ray_scale.py) and nothing is shared.
 """
@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from ..batch.local_runner import iter_job_results
@@ -133,7 +133,7 @@ class EvalRun:
             todo = sum(len(p) for p in pending.values())
             self.stats.skipped = self.stats.total - todo
             bar = _progress_bar(todo, self.progress)
-            carried = None  # the last variant's image caches, handed to the next (share_caches)
+            carried = CarriedCaches()  # the finished variants' image caches, handed on (share_caches)
             for variant in self.variants:
                 jobs = pending[variant.name]
                 if not jobs:
@@ -144,8 +144,7 @@ class EvalRun:
                     results = self._ray_results(variant, jobs)
                 else:
                     model = self._load(variant)
-                    if carried is not None:
-                        share_caches(carried, variant, model)
+                    share_caches(carried, variant, model)
                     results = self._local_results(variant, model, jobs)
                 for result in results:
                     result["variant"] = variant.name
@@ -158,7 +157,7 @@ class EvalRun:
                         bar.set_postfix(variant=variant.name, errors=self.stats.errors, refresh=False)
                         bar.update(1)
                 if self.ray is None or self.ray is False:
-                    carried = CarriedCaches.take(variant, model)
+                    carried.take(variant, model)
                     del model, results  # one model in memory at a time
                     gc.collect()
         except BaseException:
@@ -215,29 +214,29 @@ class EvalRun:
 
 @dataclass
 class CarriedCaches:
-    """A finished variant's image caches, kept while its model is dropped."""
+    """The finished variants' image caches, kept while their models are dropped: one pixel cache,
+    one feature cache per (feature group, device), so bf16,fp32,int8 still gives int8 bf16's features."""
 
-    variant: Variant
-    device: str
-    pixel_cache: object
-    feature_cache: object
+    pixel_cache: object = None
+    feature_caches: dict = field(default_factory=dict)  # (feature group, device) -> cache
 
-    @classmethod
-    def take(cls, variant: Variant, model) -> "CarriedCaches | None":
+    def take(self, variant: Variant, model) -> None:
         images = getattr(model, "images", None)
-        if images is None:
-            return None
-        return cls(variant, str(model.device), images.pixel_cache, images.feature_cache)
+        if images is not None:
+            self.pixel_cache = images.pixel_cache
+            self.feature_caches[(variant.feature_group, str(model.device))] = images.feature_cache
 
 
 def share_caches(carried: CarriedCaches, variant: Variant, model) -> None:
-    """Hand a finished variant's image caches to the next model where the settings allow it."""
+    """Hand the finished variants' image caches to the next model where the settings allow it."""
     new = getattr(model, "images", None)
     if new is None:
         return
-    new.pixel_cache = carried.pixel_cache  # pixels: dtype-independent, keyed by num_crops
-    if carried.variant.feature_group == variant.feature_group and carried.device == str(model.device):
-        new.feature_cache = carried.feature_cache
+    if carried.pixel_cache is not None:
+        new.pixel_cache = carried.pixel_cache  # pixels: dtype-independent, keyed by num_crops
+    features = carried.feature_caches.get((variant.feature_group, str(model.device)))
+    if features is not None:
+        new.feature_cache = features
 
 
 def _options_dict(options: GenerationOptions) -> dict:
