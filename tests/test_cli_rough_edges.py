@@ -302,3 +302,20 @@ def test_unexpected_errors_suggest_verbose_only_where_the_command_has_it(capsys)
     assert run_with_errors(broken, argparse.Namespace()) == 1  # a command without -v/--verbose
     err = capsys.readouterr().err
     assert "phi3v: error: unexpected ValueError: boom" in err and "--verbose" not in err
+
+
+def test_pillow_bomb_warning_stays_silent_under_a_callers_warning_filters(tmp_path):
+    """The filter holds even when the caller shows every warning (or imported phi3v inside
+    catch_warnings, as pytest does): the pixel budget's ImageError is the only report."""
+    import warnings
+
+    from phi3v.engine.image import open_image
+    from phi3v.errors import ImageError
+
+    big = tmp_path / "big.png"
+    Image.new("1", (10000, 10000)).save(big)  # 100 Mpx: over Pillow's 89 Mpx warning threshold
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match="more than the limit"):
+            open_image(big)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]

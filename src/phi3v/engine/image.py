@@ -96,8 +96,14 @@ _POSITION_RE = re.compile(r"image \d+\b")  # a message that already names the im
 # warning would reach the terminal or a server log for every oversized upload. Every image phi3v
 # opens goes through the policy's pixel budgets, which refuse it with an ImageError instead.
 # (A filter, not warnings.catch_warnings around each open: that is not thread-safe, and images
-# are opened in several threads of the server.)
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# are opened in several threads of the server.) Set again before each header is read: a filter set
+# only at import is lost when phi3v is first imported inside someone's catch_warnings block (pytest
+# does this for every test), and a caller's "always" filter would otherwise put it back on stderr.
+def _silence_bomb_warning() -> None:
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+_silence_bomb_warning()
 
 
 @dataclass
@@ -304,6 +310,7 @@ def _probe(encoded: _Encoded, policy: ImageSourcePolicy, num_crops: int | None =
 def _open_header(data: bytes, name: str) -> Image.Image:
     if not data:  # a 0-byte file (an interrupted download, a failed save) is not a format problem
         raise ImageError(f"{name} is empty (0 bytes)")
+    _silence_bomb_warning()
     try:
         return Image.open(io.BytesIO(data))  # lazy: reads only the header
     except UnidentifiedImageError:
