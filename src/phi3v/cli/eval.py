@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ def register(sub, name: str) -> None:
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run_command, check=check_usage, parser=p, max_tokens=DEFAULT_MAX_TOKENS)
+    for action in p._actions:  # the shared flag's help states the answer commands' default
+        if action.dest == "max_tokens" and action.help:
+            action.help = re.sub(r"\(default: [^)]*\)", f"(default: {DEFAULT_MAX_TOKENS} for eval)", action.help)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
