@@ -212,6 +212,29 @@ def test_cli_doc_offline_transcript_is_what_download_prints(run_cli, monkeypatch
     assert err.replace("hub-h17-absent", "hub").splitlines() == expected
 
 
+def test_cli_doc_missing_file_transcript_is_what_describe_prints(run_cli, tmp_path):
+    code, _, err = run_cli("describe", "missing.jpg", cwd=tmp_path)
+    assert code == 1
+    assert err.replace(str(tmp_path), "/tmp/docs").splitlines() == transcript("docs/cli.md",
+                                                                              "phi3v describe missing.jpg")
+
+
+def test_cli_doc_cuda_transcript_holds_before_any_download(run_cli, monkeypatch, tmp_path):
+    """No CUDA: the device error comes first, even for a model that would have to be downloaded."""
+    import huggingface_hub.constants as hf_constants
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the transcript is of one without")
+    import phi3v.engine.hub as hub
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "_download", lambda *a, **k: pytest.fail("a download was started"))
+    code, _, err = run_cli("describe", "examples/chart.png", "--device", "cuda", cwd=ROOT)
+    assert code == 1
+    assert err.splitlines() == transcript("docs/cli.md", "phi3v describe examples/chart.png --device cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # Python
 

@@ -18,8 +18,10 @@ def load_model_from_args(args):
     """
     import phi3v
 
+    from ..engine.devices import resolve_device
     from ..engine.hub import resolve_model_dir
 
+    resolve_device(args.device)  # --device cuda without CUDA: said before a download, not after 8 GB
     dtype = None if args.dtype in (None, "auto") else args.dtype
     show = not getattr(args, "quiet", False) and is_tty(sys.stderr)
     revision = getattr(args, "revision", None)
