@@ -21,7 +21,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "phi3v"
 ENGINE_LAYERS = ("phi3v.engine", "phi3v.kernels", "phi3v.quant")
-ENTRY_POINTS = ("phi3v.cli", "phi3v.server", "phi3v.batch", "phi3v.bench")
+ENTRY_POINTS = ("phi3v.cli", "phi3v.server", "phi3v.batch", "phi3v.bench", "phi3v.eval")
 
 
 def module_files() -> dict[str, Path]:
