@@ -183,8 +183,11 @@ class Phi3V:
             num_crops = num_crops or VIDEO_NUM_CROPS  # the model card's multi-frame setting
             videos = RequestVideos(policy, num_crops, self.context_length)
         try:
-            return self._prepare(t0, policy, videos, video, video_selection, messages, prompt, images, system,
-                                 num_crops, max_images, raw_prompt, special_tokens_in_text)
+            prepared = self._prepare(t0, policy, videos, video, video_selection, messages, prompt, images, system,
+                                     num_crops, max_images, raw_prompt, special_tokens_in_text)
+            if videos is not None:
+                prepared.video_plans = tuple(videos.plans)  # which frames were used (server, batch, --json)
+            return prepared
         finally:
             if videos is not None:
                 videos.close()

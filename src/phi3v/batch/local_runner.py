@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .records import Job
+from .video_records import result_fields
 from ..errors import Phi3VError
 from ..options import GenerationOptions
 
@@ -38,11 +39,12 @@ def error_text(exc: BaseException) -> str:
 
 
 def make_result(job: Job, *, completion=None, error: str | None = None,
-                preprocess_s: float = 0.0) -> dict:
-    """The output line of one record; `error` None on success, text/usage/timings None on error."""
+                preprocess_s: float = 0.0, prepared=None) -> dict:
+    """The output line of one record; `error` None on success, text/usage/timings None on error.
+    A video record's also has "video" and "frames", the frames used (video_records.result_fields)."""
     result = {"id": job.id, "images": list(job.images), "task": job.task, "prompt": job.prompt,
               "text": None, "parsed": None, "finish_reason": None, "usage": None, "timings": None,
-              "error": error}
+              "error": error, **result_fields(job, prepared)}
     if completion is not None:
         result["text"] = completion.text
         result["parsed"] = getattr(completion, "parsed", None)
@@ -75,6 +77,8 @@ def _prepare(model, job: Job, num_crops: int | None, image_policy, system: str |
         return _Prepared(job, None, job.error, 0.0)
     start = time.perf_counter()
     kwargs = {"prompt": job.prompt, "images": list(job.sources), "num_crops": num_crops}
+    if job.video_source is not None:  # its frames after the images (engine/video_input.py)
+        kwargs.update(video=job.video_source, video_selection=job.video_selection)
     if system is not None:
         kwargs["system"] = system
     if image_policy is not None:
@@ -104,7 +108,8 @@ def _generate_group(model, group: list[_Prepared], options: GenerationOptions,
             else:
                 completions = model.generate_batch(prepared, options)
             for i, c in zip(ok, completions, strict=True):
-                results[i] = make_result(group[i].job, completion=c, preprocess_s=group[i].seconds)
+                results[i] = make_result(group[i].job, completion=c, preprocess_s=group[i].seconds,
+                                         prepared=group[i].prepared)
         except Exception:
             pass  # retried one by one below, so one bad record cannot fail its whole batch
     for i in ok:
@@ -117,9 +122,9 @@ def _generate_group(model, group: list[_Prepared], options: GenerationOptions,
             else:
                 completion = model.generate(p.prepared, options)
         except Exception as e:
-            results[i] = make_result(p.job, error=error_text(e), preprocess_s=p.seconds)
+            results[i] = make_result(p.job, error=error_text(e), preprocess_s=p.seconds, prepared=p.prepared)
         else:
-            results[i] = make_result(p.job, completion=completion, preprocess_s=p.seconds)
+            results[i] = make_result(p.job, completion=completion, preprocess_s=p.seconds, prepared=p.prepared)
     return [results[i] for i in range(len(group))]
 
 

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Iterable
 
 from ..engine.image_source import IMAGE_SUFFIXES, has_image_suffix
+from ..engine.video_source import VIDEO_SUFFIXES
 from ..errors import Phi3VError, PromptError
+from .video_records import JSONL_VIDEO_KEYS, frame_selection, is_video_file, jsonl_video, video_task_prompt
 
-# A folder or glob input picks up the files with one of IMAGE_SUFFIXES (any case); the rest is ignored.
-JSONL_KEYS = ("id", "images", "image", "prompt", "task", "schema")
+# A folder or glob input picks up the files with one of IMAGE_SUFFIXES or VIDEO_SUFFIXES (any case);
+# the rest is ignored. Video records: batch/video_records.py.
+JSONL_KEYS = ("id", "images", "image", "prompt", "task", "schema") + JSONL_VIDEO_KEYS
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class Record:
     prompt: str | None = None
     task: str | None = None
     schema: object = None  # as given (a JSON Schema object; anything else fails that record alone)
+    video: str | None = None  # as written (shown in the output); video_records.py
+    video_source: str | None = None  # what the model opens: an absolute path, or a data URI as given
+    video_selection: dict | None = None  # the record's frames / fps / start / end / time_labels
 
 
 @dataclass(frozen=True)
@@ -49,15 +55,30 @@ class Job:
     prompt: str | None
     error: str | None = None
     schema: dict | None = None  # the answer follows this JSON Schema (constrained decoding)
+    video: str | None = None  # as written; its frames follow the images (video_records.py)
+    video_source: str | None = None
+    video_selection: object = None  # engine.frame_select.FrameSelection of a video job
 
     def to_dict(self) -> dict:
+        selection = None
+        if self.video_selection is not None:
+            s = self.video_selection
+            selection = {"frames": s.frames, "fps": s.fps, "start": s.start, "end": s.end,
+                         "time_labels": s.time_labels}
         return {"id": self.id, "images": list(self.images), "sources": list(self.sources),
-                "task": self.task, "prompt": self.prompt, "error": self.error, "schema": self.schema}
+                "task": self.task, "prompt": self.prompt, "error": self.error, "schema": self.schema,
+                "video": self.video, "video_source": self.video_source, "video_selection": selection}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
+        selection = d.get("video_selection")
+        if selection is not None:
+            from ..engine.frame_select import FrameSelection
+
+            selection = FrameSelection(**selection)
         return cls(id=d["id"], images=tuple(d["images"]), sources=tuple(d["sources"]),
-                   task=d.get("task"), prompt=d.get("prompt"), error=d.get("error"), schema=d.get("schema"))
+                   task=d.get("task"), prompt=d.get("prompt"), error=d.get("error"), schema=d.get("schema"),
+                   video=d.get("video"), video_source=d.get("video_source"), video_selection=selection)
 
 
 @dataclass
@@ -84,10 +105,10 @@ def discover(input_spec: str | os.PathLike) -> InputSummary:
         records = read_jsonl(path)
         kind = "jsonl"
     elif path.is_file():
-        if not is_image_file(path):
+        if not (is_image_file(path) or is_video_file(path)):
             raise Phi3VError(
                 f"batch input {text!r} is neither a folder, a .jsonl file, an image file "
-                f"({', '.join(IMAGE_SUFFIXES)}) nor a glob pattern"
+                f"({', '.join(IMAGE_SUFFIXES)}), a video file ({', '.join(VIDEO_SUFFIXES)}) nor a glob pattern"
             )
         records = [_path_record(path.name, text, path)]
         kind = "file"
@@ -101,16 +122,18 @@ def discover(input_spec: str | os.PathLike) -> InputSummary:
 
 
 def _path_record(record_id: str, shown: str, path: Path) -> Record:
+    if is_video_file(path):
+        return Record(id=record_id, images=(), sources=(), video=shown, video_source=str(path.resolve()))
     return Record(id=record_id, images=(shown,), sources=(str(path.resolve()),))
 
 
 def read_folder(folder: Path) -> list[Record]:
-    """Every image file below `folder`, sorted by relative path; hidden files and folders skipped."""
+    """Every image and video file below `folder`, sorted by relative path; hidden files and folders skipped."""
     records = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if name.startswith(".") or not is_image_file(name):
+            if name.startswith(".") or not (is_image_file(name) or is_video_file(name)):
                 continue
             full = Path(root) / name
             rel = full.relative_to(folder).as_posix()
@@ -120,14 +143,15 @@ def read_folder(folder: Path) -> list[Record]:
 
 
 def read_glob(pattern: str) -> list[Record]:
-    """Image files matching a glob (`**` recursive); id = the path as matched."""
+    """Image and video files matching a glob (`**` recursive); id = the path as matched."""
     matches = sorted(globlib.glob(pattern, recursive=True))
     return [_path_record(Path(m).as_posix(), m, Path(m))
-            for m in matches if os.path.isfile(m) and is_image_file(m)]
+            for m in matches if os.path.isfile(m) and (is_image_file(m) or is_video_file(m))]
 
 
 def read_jsonl(path: Path) -> list[Record]:
-    """Records `{"id", "images" (list or one string; "image" also accepted), "prompt", "task"}`.
+    """Records `{"id", "images" (list or one string; "image" also accepted), "prompt", "task"}`, and
+    `"video"` with optional frames / fps / start / end / time_labels (video_records.py).
 
     Blank lines are skipped.  Relative image paths are relative to the JSONL file's folder.
     A record without an id gets its single image path, or `line-N` (N = line number).
@@ -163,16 +187,19 @@ def _jsonl_record(obj, where: str, lineno: int, base: Path) -> Record:
     for key in ("prompt", "task"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             raise Phi3VError(f"{where}: {key!r} must be a string")
+    video, video_source, selection = jsonl_video(obj, where, base, _jsonl_source)
     record_id = obj.get("id")
     if record_id is None:
-        record_id = images[0] if len(images) == 1 else f"line-{lineno}"
+        named = images + ([video] if video is not None else [])
+        record_id = named[0] if len(named) == 1 else f"line-{lineno}"
     elif isinstance(record_id, (int, float)) and not isinstance(record_id, bool):
         record_id = str(record_id)  # 17 and "17" are the same record for resume
     elif not isinstance(record_id, str) or not record_id:
         raise Phi3VError(f"{where}: 'id' must be a non-empty string or a number")
     sources = tuple(_jsonl_source(i, base) for i in images)
     return Record(id=record_id, images=tuple(images), sources=sources,
-                  prompt=obj.get("prompt"), task=obj.get("task"), schema=obj.get("schema"))
+                  prompt=obj.get("prompt"), task=obj.get("task"), schema=obj.get("schema"),
+                  video=video, video_source=video_source, video_selection=selection)
 
 
 def _jsonl_source(image: str, base: Path) -> str:
@@ -193,7 +220,7 @@ def check_unique_ids(records: Iterable[Record]) -> None:
 
 
 def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | None,
-                 fmt: str | None = None, schema: dict | None = None) -> list[Job]:
+                 fmt: str | None = None, schema: dict | None = None, video_selection=None) -> list[Job]:
     """Final prompt text per record, first match wins:
 
     1. the record's own "prompt";
@@ -210,6 +237,10 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
     shape when its prompt is the table preset in format json (tasks.task_schema). A record
     "schema" that is not a JSON object makes that record an error (one the grammar engine
     refuses fails when the record runs).
+
+    A video record (video_records.py): the describe preset is the video question, image-only
+    tasks are its error, the video counts as one image for the task's count, and its frame
+    selection is its own keys over `video_selection` (the job's FrameSelection).
     """
     from ..tasks import check_image_count, task_schema
 
@@ -218,9 +249,14 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
         record_task = r.task or task or "ask"
         error = text = None
         record_schema = r.schema if r.schema is not None else schema
+        selection = None
         try:
+            if r.video is not None:
+                selection = frame_selection(video_selection, r.video_selection)
             if r.prompt is not None:
                 text = r.prompt
+            elif r.video is not None and (r.task not in (None, "ask") or prompt is None):
+                text = video_task_prompt(record_task)
             elif r.task is not None and r.task != "ask":
                 text = _task_prompt(r.task, None)
             elif prompt is not None:
@@ -230,7 +266,7 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
                 text = _task_prompt(record_task, preset_fmt)
                 if record_schema is None:
                     record_schema = task_schema(record_task, preset_fmt)
-            check_image_count(record_task, len(r.images))
+            check_image_count(record_task, len(r.images) + (r.video is not None))
             if not text.strip():
                 raise PromptError("the prompt is empty")
             if record_schema is not None and not isinstance(record_schema, dict):
@@ -238,7 +274,8 @@ def resolve_jobs(records: Iterable[Record], *, task: str | None, prompt: str | N
         except Phi3VError as e:
             error = f"{type(e).__name__}: {e}"
         jobs.append(Job(id=r.id, images=r.images, sources=r.sources, task=record_task,
-                        prompt=text, error=error, schema=record_schema))
+                        prompt=text, error=error, schema=record_schema, video=r.video,
+                        video_source=r.video_source, video_selection=selection))
     return jobs
 
 

@@ -177,7 +177,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def load_jobs(input, *, task: str | None = None, prompt: str | None = None,
-              fmt: str | None = None, schema: dict | None = None) -> list[Job]:
+              fmt: str | None = None, schema: dict | None = None, video_selection=None) -> list[Job]:
     """Jobs from an input spec (folder / glob / .jsonl / image path) or an iterable of records.
 
     Records may be `batch_records.Record`s or dicts shaped like JSONL lines
@@ -190,7 +190,7 @@ def load_jobs(input, *, task: str | None = None, prompt: str | None = None,
         from .records import check_unique_ids
 
         check_unique_ids(records)
-    return resolve_jobs(records, task=task, prompt=prompt, fmt=fmt, schema=schema)
+    return resolve_jobs(records, task=task, prompt=prompt, fmt=fmt, schema=schema, video_selection=video_selection)
 
 
 def _record_from(item, n: int) -> Record:
@@ -210,11 +210,11 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
               retry_errors: bool = False, batch_size: int = 4,
               workers: int = 2, image_policy=None, progress: bool = False, device: str = "auto",
               dtype=None, ray=None, ray_actors: int | None = None,
-              ray_cpus_per_actor: float = 1.0, **options) -> BatchJob:
+              ray_cpus_per_actor: float = 1.0, video_selection=None, **options) -> BatchJob:
     """A batch job over `input`; iterate it (or call `.run()`) to run it.
 
-    input:  a folder (recursive, image files only), a glob, a .jsonl file of records
-            `{"id", "images", "prompt", "task"}`, or an iterable of such dicts.
+    input:  a folder (recursive: image and video files), a glob, a .jsonl file of records
+            `{"id", "images", "video", "prompt", "task"}`, or an iterable of such dicts.
     model:  a loaded `phi3v.Phi3V`, a model id / folder to load (with `device`, `dtype`;
             None = phi3v.DEFAULT_MODEL), or a function returning a loaded model (called once
             the input has been read, so a bad input fails before the weights load).
@@ -230,10 +230,12 @@ def run_batch(input, model=None, *, task: str | None = None, prompt: str | None 
     ray / ray_actors / ray_cpus_per_actor: run on a Ray cluster instead (`ray=True` or an
             address such as "127.0.0.1:6379"; see batch_ray); each actor loads its own copy of
             the model (by name: pass the model id / folder rather than a loaded model).
+    video_selection: the frames of video records that do not choose their own
+            (engine.frame_select.FrameSelection; default: frame_select's default count).
     **options: GenerationOptions fields (max_new_tokens, temperature, seed, num_crops, ...).
     """
     gen_options = GenerationOptions.from_kwargs(**options)
-    jobs = load_jobs(input, task=task, prompt=prompt, fmt=fmt, schema=schema)
+    jobs = load_jobs(input, task=task, prompt=prompt, fmt=fmt, schema=schema, video_selection=video_selection)
 
     if ray is not None and ray is not False:
         runner = ray_runner(model, address=None if ray is True else ray, device=device,

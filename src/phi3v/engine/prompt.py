@@ -14,6 +14,7 @@ class PreparedPrompt:
     prompt_text: str
     preprocess_s: float = 0.0
     image_keys: list[str] | None = None  # content key per image (feature_cache.image_keys), set on first use
+    video_plans: tuple = ()  # video_plan.VideoPlan per video of the request, in prompt order (frames, times)
 
     @property
     def image_tokens(self) -> int:

@@ -36,25 +36,32 @@ class _Failed(Exception):
     """Any network-level failure; turned into the one message that reveals nothing."""
 
 
-def fetch_image_bytes(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool) -> bytes:
-    """The body of `url` after at most MAX_REDIRECTS http(s) redirects, or an ImageError."""
+def fetch_image_bytes(url: str, *, timeout_s: float, max_bytes: int, allow_private: bool,
+                      kind: str = "image") -> bytes:
+    """The body of `url` after at most MAX_REDIRECTS http(s) redirects, or an ImageError.
+
+    kind: what the URL should hold, for the messages and the Accept header ("image", "video")."""
     name = short_repr(url)
     deadline = _Deadline(timeout_s)
     try:
         for _ in range(MAX_REDIRECTS + 1):
-            status, reason, location, body = _get(url, deadline, max_bytes, allow_private, name)
+            status, reason, location, body = _get(url, deadline, max_bytes, allow_private, name, kind)
             if location is None:
                 if status >= 400:
-                    raise ImageError(f"could not download image {name}: HTTP {status} {reason}")
+                    raise ImageError(f"could not download {kind} {name}: HTTP {status} {reason}")
                 return body
             target = urllib.parse.urljoin(url, location)
             if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
-                raise ImageError(f"image URL {name} redirects to a non-http(s) URL {short_repr(target)}")
+                raise ImageError(f"{kind} URL {name} redirects to a non-http(s) URL {short_repr(target)}")
             url = target
-        raise ImageError(f"image URL {name} redirects more than {MAX_REDIRECTS} times")
+        raise ImageError(f"{kind} URL {name} redirects more than {MAX_REDIRECTS} times")
     except _Failed:
-        raise ImageError(f"could not download image {name}: no answer with an image within "
+        raise ImageError(f"could not download {kind} {name}: no answer with {_a(kind)} within "
                          f"{timeout_s:g} s (the host may be unreachable)") from None
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
 
 class _Deadline:
@@ -68,17 +75,17 @@ class _Deadline:
         return left
 
 
-def _get(url: str, deadline: _Deadline, max_bytes: int, allow_private: bool, name: str):
+def _get(url: str, deadline: _Deadline, max_bytes: int, allow_private: bool, name: str, kind: str = "image"):
     """One GET -> (status, reason, Location of a redirect or None, body of a non-redirect)."""
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     try:
         host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
     except ValueError:  # a port that is not a number
-        raise ImageError(f"image URL {name} is malformed") from None
+        raise ImageError(f"{kind} URL {name} is malformed") from None
     if scheme not in ("http", "https") or not host:
-        raise ImageError(f"image URL {name} is malformed")
-    address = _checked_address(host, port, deadline, allow_private, name)
+        raise ImageError(f"{kind} URL {name} is malformed")
+    address = _checked_address(host, port, deadline, allow_private, name, kind)
     conn = _PinnedConnection(scheme, host, port, address, deadline.left())
     # The deadline is total: when it passes, the socket is shut down under whatever read is waiting
     # (a socket timeout alone restarts with each byte that trickles in).
@@ -87,7 +94,7 @@ def _get(url: str, deadline: _Deadline, max_bytes: int, allow_private: bool, nam
     watchdog.start()
     try:
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        conn.request("GET", target, headers={"User-Agent": "phi3v", "Accept": "image/*"})
+        conn.request("GET", target, headers={"User-Agent": "phi3v", "Accept": f"{kind}/*"})
         response = conn.getresponse()
         if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
             return response.status, response.reason, response.getheader("Location"), b""
@@ -114,7 +121,8 @@ def _get(url: str, deadline: _Deadline, max_bytes: int, allow_private: bool, nam
         conn.close()
 
 
-def _checked_address(host: str, port: int, deadline: _Deadline, allow_private: bool, name: str) -> str:
+def _checked_address(host: str, port: int, deadline: _Deadline, allow_private: bool, name: str,
+                     kind: str = "image") -> str:
     """The address to connect to: resolved once; with allow_private False, every address the name
     resolves to must be global (one private answer among public ones is enough to refuse)."""
     try:
@@ -127,7 +135,7 @@ def _checked_address(host: str, port: int, deadline: _Deadline, allow_private: b
     if not allow_private:
         for address in addresses:
             if not _is_public(address):
-                raise ImageError(f"image URL {name} points to a local or private network address; "
+                raise ImageError(f"{kind} URL {name} points to a local or private network address; "
                                  "only public addresses are fetched")
     return addresses[0]
 

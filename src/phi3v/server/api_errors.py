@@ -6,7 +6,7 @@ import json
 
 from fastapi.responses import JSONResponse
 
-from ..errors import ImageError, Phi3VError, PromptError, PromptTooLongError, TooManyImagesError
+from ..errors import ImageError, Phi3VError, PromptError, PromptTooLongError, TooManyImagesError, VideoError
 
 
 # The code of an error raised without one: every error body names a code, never null.
@@ -51,6 +51,8 @@ def from_phi3v_error(err: Phi3VError, *, param: str | None = None) -> APIError:
     """Map a phi3v error raised while reading a request to a 400 the client can act on."""
     if isinstance(err, TooManyImagesError):
         return APIError(400, str(err), param=param or "messages", code="too_many_images")
+    if isinstance(err, VideoError):  # a bad, truncated or unreadable video (a kind of ImageError)
+        return APIError(400, str(err), param=param or "messages", code="invalid_video")
     if isinstance(err, ImageError):
         return APIError(400, str(err), param=param or "messages", code="invalid_image")
     if isinstance(err, PromptTooLongError):

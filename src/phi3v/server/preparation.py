@@ -1,7 +1,7 @@
 """Request preparation off the event loop: its own thread pools and a total deadline per request.
 
 Preparation is the blocking work a request needs before it may queue for the engine: data: URIs
-decoded, remote images fetched, images decoded and preprocessed, the prompt tokenized, its fit in
+decoded, remote images fetched, images and video frames decoded and preprocessed, the prompt tokenized, its fit in
 the context checked. It runs in threads, so the event loop keeps answering (/health, other
 requests), and in two pools, so slow image work cannot starve text:
 
@@ -52,7 +52,7 @@ class Preparer:
 
 
 def preparation_timeout(timeout_s: float, images: bool) -> APIError:
-    what = "fetching and decoding its images, reading its text" if images else "reading its text"
-    hint = " Send smaller images, or data: URIs instead of slow image URLs." if images else ""
+    what = "fetching and decoding its images and video frames, reading its text" if images else "reading its text"
+    hint = (" Send smaller images, fewer video frames, or data: URIs instead of slow URLs." if images else "")
     return APIError(408, f"Preparing the request ({what}) took longer than this server's limit of "
                          f"{timeout_s:g} s.{hint}", param="messages", code="preparation_timeout")

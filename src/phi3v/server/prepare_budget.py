@@ -6,6 +6,8 @@ decoded pixels, which a 500 KB PNG can make a gigabyte. The pixel budgets of Ima
 bound one request; this bounds all of them together. Before a request is prepared its peak is
 estimated from its image headers (nothing decoded), and it waits, first come first served,
 until that estimate fits next to the preparations in flight. Text-only requests never wait.
+A video counts its decoder's frames, one decoded frame and its chosen frames' pixel_values,
+from its container header (video_budget.py).
 
 The budget is held until the preparation thread has finished, not merely until the waiting
 coroutine gives up (a deadline or a hang-up cannot free memory a thread still uses).
@@ -18,7 +20,9 @@ import collections
 from concurrent.futures import Executor
 from typing import Callable
 
+from ..engine.frame_select import DEFAULT_MAX_FRAMES, VIDEO_NUM_CROPS
 from ..engine.image import ImageSourcePolicy, decoded_pixels
+from .video_budget import video_prepare_bytes
 
 # Peak bytes per decoded pixel while an image is prepared: the decoded image (Pillow keeps RGB and
 # RGBA in 4 bytes per pixel, L/P/1 in 1), its RGB conversion (4), a transposed copy for portrait
@@ -27,10 +31,13 @@ from ..engine.image import ImageSourcePolicy, decoded_pixels
 BYTES_PER_PIXEL = 12
 
 
-def estimate_prepare_bytes(messages: list, policy: ImageSourcePolicy, num_crops: int | None) -> int:
+def estimate_prepare_bytes(messages: list, policy: ImageSourcePolicy, num_crops: int | None,
+                           video_num_crops: int = VIDEO_NUM_CROPS, max_frames: int = DEFAULT_MAX_FRAMES) -> int:
     """Peak memory of preparing these phi3v messages: BYTES_PER_PIXEL x the largest image's
-    decoded pixels (from its header; a remote URL counts as the largest image allowed)."""
-    largest = 0
+    decoded pixels (from its header; a remote URL counts as the largest image allowed), or a
+    video's decoding if larger, plus what every video keeps (its bytes, its frames' pixel_values:
+    video_budget.py; `frames` of the part, else max_frames)."""
+    largest = videos = 0
     for message in messages:
         content = message.get("content")
         if not isinstance(content, list):
@@ -42,10 +49,16 @@ def estimate_prepare_bytes(messages: list, policy: ImageSourcePolicy, num_crops:
                 pixels = min(pixels or 0, policy.max_pixels)
             elif part.get("type") in ("image", "image_url"):
                 pixels = policy.max_pixels  # fetched later: its size is not known yet
+            elif part.get("type") == "video" and isinstance(part.get("video"), (bytes, bytearray)):
+                frames = min(part.get("frames") or max_frames, max_frames)
+                # summed: conservative (videos are decoded one after another, but their frames all stay)
+                videos += video_prepare_bytes(bytes(part["video"]), frames, video_num_crops, policy.max_pixels,
+                                              BYTES_PER_PIXEL)
+                continue
             else:
                 continue
             largest = max(largest, pixels)
-    return largest * BYTES_PER_PIXEL
+    return largest * BYTES_PER_PIXEL + videos
 
 
 def _has_images(messages: list) -> bool:
@@ -60,9 +73,11 @@ class PrepareBudget:
     call_soon_threadsafe. A request estimated above the whole budget runs alone.
     """
 
-    def __init__(self, max_bytes: int, policy: ImageSourcePolicy, default_num_crops: int | None):
+    def __init__(self, max_bytes: int, policy: ImageSourcePolicy, default_num_crops: int | None,
+                 max_frames: int = DEFAULT_MAX_FRAMES):
         self.max_bytes = int(max_bytes)
         self.policy, self.default_num_crops = policy, default_num_crops
+        self.max_frames = max_frames  # frames of a video whose part does not say (--max-images)
         self.in_use = 0
         self._waiting: collections.deque = collections.deque()  # (bytes, future), in arrival order
 
@@ -73,7 +88,7 @@ class PrepareBudget:
             return await loop.run_in_executor(executor, prepare, plan)
         num_crops = plan.num_crops or self.default_num_crops
         estimate = await loop.run_in_executor(executor, estimate_prepare_bytes, plan.messages, self.policy,
-                                              num_crops)
+                                              num_crops, plan.num_crops or VIDEO_NUM_CROPS, self.max_frames)
         nbytes = min(estimate, self.max_bytes)
         if nbytes <= 0:
             return await loop.run_in_executor(executor, prepare, plan)

@@ -51,7 +51,7 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 UNSUPPORTED_PARAMETERS = frozenset({
     "frequency_penalty", "logit_bias", "logprobs", "modalities", "n", "presence_penalty", "tool_choice", "tools",
     "top_logprobs"})
-CONTENT_PART_TYPES = ("text", "image_url")  # the `type` tags of content parts
+CONTENT_PART_TYPES = ("text", "image_url", "video_url")  # the `type` tags of content parts
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")  # the `type` tags of response_format
 
 # ---- request ------------------------------------------------------------------------------
@@ -75,9 +75,33 @@ class ImageURLPart(BaseModel):
     image_url: ImageURL
 
 
+# ---- phi3v extension: video (vLLM's `video_url` part; docs/server.md "Video") ----
+MAX_VIDEO_FRAMES = 1024  # the schema's bound on `frames`; --max-images is the real limit (frames count as images)
+
+
+class VideoURL(BaseModel):
+    model_config = REQUEST_CONFIG
+    url: Text = Field(description="A `data:video/mp4;base64,` URI (also video/webm, image/gif, image/webp); "
+                                  "http(s) only with --allow-remote-images.")
+
+
+class VideoURLPart(BaseModel):
+    """A video; its chosen frames become the prompt's images (engine/frame_select.py rules).
+    frames or fps (not both; neither: as many as --max-images leaves, at most 16), start/end in seconds."""
+
+    model_config = REQUEST_CONFIG
+    type: Literal["video_url"]
+    video_url: VideoURL
+    frames: int | None = Field(None, ge=1, le=MAX_VIDEO_FRAMES, description="frames spread evenly over the clip")
+    fps: float | None = Field(None, gt=0, description="frames per second of video instead of `frames`")
+    start: float | None = Field(None, ge=0, description="only frames from this second on")
+    end: float | None = Field(None, gt=0, description="only frames before this second")
+    time_labels: bool | None = Field(None, description='a line "frame k at MM:SS" per frame before the text')
+
+
 MAX_STOP_STRINGS = 4
 
-ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
+ContentPart = Annotated[Union[TextPart, ImageURLPart, VideoURLPart], Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -197,6 +221,7 @@ class Phi3VStats(BaseModel):
     num_crops: int | None
     queue_s: float  # waiting for the engine
     timings: dict[str, float]  # preprocess_s, vision_s, prefill_s, decode_s, first_token_s, decode_tokens_per_s
+    videos: list[dict] | None = None  # per video part: the frames used ({"index", "time_s"}), server/video_parts.py
 
 
 class ChatCompletion(BaseModel):

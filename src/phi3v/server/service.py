@@ -21,8 +21,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
-from ..errors import ImageError, Phi3VError, PromptTooLongError
+from ..errors import ImageError, Phi3VError, PromptTooLongError, TooManyImagesError
 from ..engine.constraints import OutputFormat
+from ..engine.frame_select import VIDEO_NUM_CROPS
 from ..engine.image import ImageSourcePolicy
 from ..engine.image_source import InvalidBase64Error, decode_data_uri
 from ..options import GenerationOptions
@@ -33,6 +34,7 @@ from .preparation import Preparer
 from .schemas import ChatCompletionRequest, requested_options
 from .settings import ServerSettings
 from .text_budget import check_prompt_chars, default_max_prompt_chars
+from .video_parts import VideoURLSource, fill_default_frames, frames_header, video_bytes, video_part, videos_report
 
 log = logging.getLogger("phi3v.server")
 
@@ -52,6 +54,8 @@ class Plan:
     include_usage: bool
     has_images: bool = False
     response_format: Any = None  # schemas.ResponseFormat, or None; made an OutputFormat in preparation
+    has_videos: bool = False  # video parts (server/video_parts.py): their bytes read in decode_images
+    videos: list | None = None  # once prepared: the frames each video used (video_parts.videos_report)
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class ChatService:
         self.max_prompt_chars = settings.max_prompt_chars or (default_max_prompt_chars(context) if context else None)
         # Preparations in flight share a memory budget (estimated from image headers).
         self.prepare_budget = PrepareBudget(settings.prepare_memory_bytes, self.policy,
-                                            getattr(model, "default_num_crops", None))
+                                            getattr(model, "default_num_crops", None), settings.max_images)
 
     def close(self) -> None:
         self.preparer.close()
@@ -113,12 +117,15 @@ class ChatService:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         has_images = any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
                          for m in messages)
+        has_videos = any(isinstance(m["content"], list) and any(p["type"] == "video" for p in m["content"])
+                         for m in messages)
         return Plan(messages, options, max_tokens is not None, num_crops, bool(req.stream), include_usage,
-                    has_images, req.response_format)
+                    has_images, req.response_format, has_videos)
 
     def _convert_messages(self, req: ChatCompletionRequest) -> list:
         """OpenAI messages -> phi3v messages; data: URIs kept as DataURI, for decode_images."""
         out, n_images = [], 0
+        default_videos = []  # video parts with neither frames nor fps: they share the room left (below)
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
             if msg.content is None or isinstance(msg.content, str):
@@ -133,6 +140,15 @@ class ChatService:
                 if role != "user":
                     raise APIError(400, f"{param}: images are only allowed in user messages, not in {msg.role} messages.",
                                    param=param, code="invalid_image")
+                if part.type == "video_url":
+                    video = video_part(part, param, self.settings.allow_remote_images)
+                    parts.append(video)
+                    if "fps" not in video and "frames" not in video:
+                        default_videos.append(video)
+                    n_images += video.get("frames", 0)  # fps: counted once planned (prepare's max_images)
+                    if n_images > self.settings.max_images:
+                        raise _too_many_frames(self.settings.max_images)
+                    continue
                 n_images += 1
                 if n_images > self.settings.max_images:
                     raise APIError(400, f"Too many images: this server accepts at most {self.settings.max_images} "
@@ -140,6 +156,7 @@ class ChatService:
                                    code="too_many_images")
                 parts.append(self._image_part(part.image_url.url, param))
             out.append({"role": role, "content": parts})
+        fill_default_frames(default_videos, n_images, self.settings.max_images)
         return out
 
     def _image_part(self, url: str, param: str) -> dict:
@@ -182,20 +199,48 @@ class ChatService:
         return out
 
     def decode_images(self, plan: Plan) -> Plan:
-        """The plan with its data: URIs decoded to bytes (a 400 naming the part if one is bad)."""
+        """The plan with its data: URIs decoded to bytes (a 400 naming the part if one is bad); with
+        videos, also their remote videos and images fetched (each capped by its own limit)."""
         if not plan.has_images:
             return plan
         messages = [m if not isinstance(m["content"], list) else
-                    {**m, "content": [{**p, "image": self._decode_data_uri(p["image"].url, p["image"].param)}
-                                      if isinstance(p.get("image"), DataURI) else p for p in m["content"]]}
+                    {**m, "content": [self._decoded_part(p, plan.has_videos) for p in m["content"]]}
                     for m in plan.messages]
         return replace(plan, messages=messages)
+
+    def _decoded_part(self, part: dict, fetch_remote: bool) -> dict:
+        if isinstance(part.get("image"), DataURI):
+            return {**part, "image": self._decode_data_uri(part["image"].url, part["image"].param)}
+        if isinstance(part.get("video"), VideoURLSource):
+            s = self.settings
+            return {**part, "video": video_bytes(part["video"], max_bytes=s.max_video_bytes,
+                                                 timeout_s=s.remote_timeout_s, allow_private=s.allow_private_image_urls)}
+        if fetch_remote and part.get("type") == "image_url":
+            # The request's sources are all bytes before prepare, whose policy then allows a video's
+            # size (video_policy): a remote image is fetched here, under the image limit.
+            from ..engine.remote_image import fetch_image_bytes
+
+            try:
+                data = fetch_image_bytes(part["image_url"]["url"], timeout_s=self.policy.timeout_s,
+                                         max_bytes=self.policy.max_bytes, allow_private=self.policy.allow_private)
+            except ImageError as err:
+                raise APIError(400, f"messages: {err}", param="messages", code="invalid_image") from None
+            return {"type": "image", "image": data}
+        return part
+
+    def video_policy(self) -> ImageSourcePolicy:
+        """The policy of a request with videos: every source is bytes by then, each already capped
+        (decode_images), so the byte limit is the larger of the image and video limits."""
+        return replace(self.policy, max_bytes=max(self.policy.max_bytes, self.settings.max_video_bytes))
 
     def prepare(self, plan: Plan):
         """-> (PreparedPrompt, GenerationOptions with the final max_new_tokens). Runs off the loop."""
         try:
             prepared = self.model.prepare(messages=plan.messages, num_crops=plan.num_crops,
-                                          image_policy=self.policy)
+                                          image_policy=self.video_policy() if plan.has_videos else self.policy,
+                                          max_images=self.settings.max_images if plan.has_videos else None)
+        except TooManyImagesError as err:  # a video's fps gave more frames than the limit
+            raise _too_many_frames(self.settings.max_images, str(err)) from None
         except Phi3VError as err:
             raise from_phi3v_error(err) from None
         options = plan.options
@@ -237,6 +282,7 @@ class ChatService:
         except Exception:
             log.exception("preparing a request failed")
             raise internal_error() from None
+        plan.videos = videos_report(prepared)  # the worker drops `prepared` when the job ends
         job = GenerationJob(prepared=prepared, options=options, loop=loop, stream=plan.stream,
                             output_format=output_format)
         try:
@@ -310,7 +356,8 @@ class ChatService:
             finally:
                 job.cancel()  # the client hung up (this generator was closed): stop generating
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                   **frames_header(plan.videos)}  # the frames used: the web page's thumbnails
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def _completion_body(self, completion, job: GenerationJob, plan: Plan) -> dict:
@@ -332,9 +379,11 @@ class ChatService:
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "phi3v": {
                 "image_tokens": usage.image_tokens,
-                "num_crops": plan.num_crops or getattr(self.model, "default_num_crops", None),
+                "num_crops": plan.num_crops or (VIDEO_NUM_CROPS if plan.has_videos else  # videos: the model card's 4
+                                                getattr(self.model, "default_num_crops", None)),
                 "queue_s": round(queue_s, 4),
                 "timings": {k: round(float(v), 4) for k, v in completion.timings.to_dict().items()},
+                **({"videos": plan.videos} if plan.videos else {}),
             },
         }
 
@@ -350,6 +399,13 @@ async def _cancel_on_disconnect(request: Request, job: GenerationJob) -> None:
 def _too_busy(full: QueueFullError) -> APIError:
     return APIError(429, f"The server is busy: the request queue is full. Retry after {full.retry_after_s} s.",
                     type="rate_limit_error", code="queue_full", headers={"Retry-After": str(full.retry_after_s)})
+
+
+def _too_many_frames(max_images: int, detail: str | None = None) -> APIError:
+    said = f" ({detail})" if detail else ""
+    return APIError(400, f"Too many images: this server accepts at most {max_images} images per request (over all "
+                         f"messages; a video's frames count as images){said}. Ask for fewer frames or a lower fps.",
+                    param="messages", code="too_many_images")
 
 
 def _shutting_down() -> APIError:

@@ -82,6 +82,10 @@ class ServerSettings:
                                       bounds=Bounds(0, lo_open=True), metavar="S")
     remote_max_bytes: int = setting(20 * MIB, "largest remote image in MiB", "--remote-max-mb",
                                     bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
+    max_video_bytes: int = setting(
+        20 * MIB, "largest video in MiB (the file's bytes: a data: URI's decoded payload, or a remote video with "
+                  "--allow-remote-images); its frames count against --max-images. A data: URI is also bound by "
+                  "--max-body-mb", "--max-video-mb", bounds=Bounds(0, lo_open=True), unit=MIB, metavar="N")
     prepare_threads: int = setting(4, "threads fetching and decoding the images of requests, off the event loop "
                                       "(requests without images have 2 threads of their own)",
                                    "--prepare-threads", bounds=POSITIVE, metavar="N")
