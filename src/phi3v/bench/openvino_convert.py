@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 EXTRA_HINT = "pip install 'phi3v[openvino]'"
-CONVERTER_VERSION = "2"  # bump when the conversion changes: cached IR is then rebuilt
+CONVERTER_VERSION = "4"  # bump when the conversion changes: cached IR is then rebuilt
 SCHEMES = ("bf16", "int8", "int4")
 INT4_GROUP = 128
 
@@ -150,8 +150,8 @@ def make_stateful(model, pairs: list[tuple[str, str]], kv_heads: int, head_dim: 
         info.data_type = param.get_output_element_type(0)
         info.variable_id = past
         var = Variable(info)
-        empty = ops.broadcast(ops.constant(np.array(0, dtype=np.float32)).output(0),
-                              ops.constant(np.array([1, kv_heads, 0, head_dim], dtype=np.int64)).output(0))
+        zero = ops.convert(ops.constant(np.array(0, dtype=np.float32)), info.data_type)  # the cache's type
+        empty = ops.broadcast(zero.output(0), ops.constant(np.array([1, kv_heads, 0, head_dim], dtype=np.int64)).output(0))
         state = ops.gather(ops.read_value(empty, var), beam, ops.constant(np.int64(0)))
         for target in param.output(0).get_target_inputs():
             target.replace_source_output(state.output(0))
@@ -189,7 +189,21 @@ def convert_decoder(lm):
     model.reshape({"inputs_embeds": [1, -1, hidden], "attention_mask": [1, 1, -1, -1], "position_ids": [1, -1],
                    **{p: [1, kvh, -1, d] for p, _ in pairs}})  # batch 1
     make_stateful(model, pairs, kvh, d)
-    return model
+    return _float32_io(model, ["inputs_embeds", "attention_mask"], ["logits"])
+
+
+def _float32_io(model, inputs: list[str], outputs: list[str]):
+    """The model's float inputs and outputs as float32 (converted inside the graph): the graph is
+    traced in float16, callers feed and read numpy float32 whatever the plugin computes in."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    for name in inputs:
+        ppp.input(name).tensor().set_element_type(ov.Type.f32)
+    for name in outputs:
+        ppp.output(name).tensor().set_element_type(ov.Type.f32)
+    return ppp.build()
 
 
 def convert_vision(clip):
@@ -200,8 +214,9 @@ def convert_vision(clip):
     with torch.no_grad():
         model = ov.convert_model(_VisionTower(clip).eval(), example_input=(example,))
     model.inputs[0].get_tensor().set_names({"pixel_values"})
+    model.outputs[0].get_tensor().set_names({"features"})
     model.reshape({"pixel_values": [-1, 3, 336, 336]})
-    return model
+    return _float32_io(model, ["pixel_values"], ["features"])
 
 
 def int4_group(hidden: int, intermediate: int) -> int:
@@ -221,7 +236,11 @@ def convert(checkpoint: Path, scheme: str, out: Path, log=print) -> dict:
     from .engines import TransformersEngine
 
     start = time.perf_counter()
-    torch_models = TransformersEngine(checkpoint, "float32")
+    # float16, as OpenVINO's published IRs store weights: half the memory of a float32 copy (the
+    # full-size model: ~8 GB instead of ~16; ov.convert_model shares the tensors), and the form
+    # whose NNCF-compressed weights the CPU plugin runs as int4/int8 products (decompression from
+    # bf16 constants is not fused: a bf16 conversion ran its int4 layers as bf16 MatMuls).
+    torch_models = TransformersEngine(checkpoint, "float16")
     torch_models.load()
     decoder, vision = convert_decoder(torch_models.lm), convert_vision(torch_models.clip)
     cfg = torch_models.lm.config
@@ -241,7 +260,7 @@ def convert(checkpoint: Path, scheme: str, out: Path, log=print) -> dict:
         vision = nncf.compress_weights(vision, mode=nncf.CompressWeightsMode.INT8_ASYM)
         meta["vision_weights"] = "int8_asym per channel (nncf)"
     out.mkdir(parents=True, exist_ok=True)
-    ov.save_model(decoder, out / "decoder.xml")  # float weights stored as fp16 (compress_to_fp16)
+    ov.save_model(decoder, out / "decoder.xml")
     ov.save_model(vision, out / "vision.xml")
     meta["convert_s"] = time.perf_counter() - start
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks it complete

@@ -23,7 +23,7 @@ import torch
 
 from .engines import TransformersEngine
 
-_NEG = -1e9  # additive mask value for a hidden slot (finite: no NaN from an all-hidden row)
+_NEG = -3.0e4  # additive mask value for a hidden slot: finite in fp16 (the traced graph's type)
 PROPERTIES = ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "DYNAMIC_QUANTIZATION_GROUP_SIZE",
               "EXECUTION_MODE_HINT", "INFERENCE_NUM_THREADS", "PERFORMANCE_HINT")
 
@@ -149,7 +149,13 @@ class OpenVINOEngine(TransformersEngine):
         import openvino as ov
 
         for state in self.request.query_state():
-            state.state = ov.Tensor(torch.randn(shape, generator=gen).numpy())
+            values = torch.randn(shape, generator=gen)
+            tensor = ov.Tensor(state.state.element_type, ov.Shape(list(shape)))
+            if tensor.element_type == ov.Type.bf16:  # numpy has no bf16: copy the raw 16-bit patterns
+                tensor.data.view(np.int16)[...] = values.to(torch.bfloat16).view(torch.int16).numpy()
+            else:
+                tensor.data[...] = values.numpy()
+            state.state = tensor
         self.past = context
 
     def _greedy(self, embeds: torch.Tensor, n: int, on_token=None) -> list[int]:
