@@ -150,8 +150,12 @@ def test_cli_batch_describe_over_videos(tiny_model_dir, clips, tmp_path, run_cli
     out = tmp_path / "cli.jsonl"
     code, _, err = run_cli("batch", str(clips), "--out", str(out), "--task", "describe", "-q",
                            "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
-                           "--max-tokens", "2")
+                           "--max-tokens", "2", "--frames", "2", "--start", "1")
     assert code == 0, err
     written = {r["id"]: r for r in lines_of(out)}
     assert sorted(written) == ["a.mp4", "c.png", "d.gif", "sub/b.webm"]
-    assert written["a.mp4"]["prompt"] == VIDEO_DESCRIBE_PROMPT and written["a.mp4"]["frames"]
+    assert written["a.mp4"]["prompt"] == VIDEO_DESCRIBE_PROMPT
+    assert written["a.mp4"]["frames"] == [{"index": 7, "time_s": 1.4}, {"index": 12, "time_s": 2.4}]
+    code, _, err = run_cli("batch", str(clips), "--out", str(tmp_path / "x.jsonl"), "--task", "describe",
+                           "--model", str(tiny_model_dir), "--start", "2", "--end", "1")
+    assert code != 0 and "must be after start" in err

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..batch.runner import run_batch
 from .arguments import (HelpFormatter, add_schema_argument, generation_parent, model_parent, option_values,
-                        output_parent)
+                        output_parent, video_kwargs, video_parent)
 from .images import cli_policy  # files and http(s) URLs, like the other commands
 from .loading import load_model_from_args
 from .output import print_error
@@ -35,12 +35,14 @@ per record (id, images, task, prompt, text, parsed, finish_reason, usage, timing
 each record finishes.  Running the same command again skips the records already in --out."""
 
 EPILOG = """input:
-  FOLDER          every image file below it (recursively); id = path relative to FOLDER
-  'GLOB'          image files matching the pattern (quote it; ** recurses); id = the path
+  FOLDER          every image and video file below it (recursively); id = path relative to FOLDER
+  'GLOB'          image and video files matching the pattern (quote it; ** recurses); id = the path
   FILE.jsonl      one record per line: {"id": ..., "images": [...], "prompt": ..., "task": ...,
                   "schema": {JSON Schema}} (all optional but images; a record's prompt/task/schema
                   override the options;
-                  relative image paths are relative to the JSONL file)
+                  relative image paths are relative to the JSONL file); a video record:
+                  {"video": "clip.mp4", "frames": 8} (also fps, start, end, time_labels: they
+                  override the --frames/--fps/... flags; docs/batch.md)
 
 examples:
   phi3v batch receipts/ --task ocr --out receipts.jsonl
@@ -56,7 +58,7 @@ seed, a record's result does not depend on the order or the batch it ran in.
 
 def register(sub, name: str) -> None:
     """`phi3v batch`: the model, output (--quiet: no progress bar) and generation options + its own."""
-    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent()],
+    p = sub.add_parser(name, parents=[model_parent(), output_parent(), generation_parent(), video_parent()],
                        help="run a task or prompt over many images, results to JSONL",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     add_arguments(p)
@@ -92,6 +94,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="CPUs reserved by each CPU actor, also its torch threads (default 1)")
 
 
+def _video_selection(args):
+    """The video records' frames from --frames/--fps/--start/--end/--time-labels (None: the default)."""
+    given = {k: v for k, v in video_kwargs(args).items() if v not in (None, False)}
+    if not given:
+        return None
+    from ..engine.frame_select import FrameSelection
+
+    return FrameSelection(**given)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so the job stops like on Ctrl-C."""
 
@@ -121,7 +133,7 @@ def run_command(args) -> int:
                     workers=args.workers, image_policy=cli_policy(), progress=not args.quiet,
                     system=args.system, device=args.device, dtype=dtype, ray=args.ray,
                     ray_actors=args.ray_actors, ray_cpus_per_actor=args.ray_cpus_per_actor,
-                    **option_values(args))
+                    video_selection=_video_selection(args), **option_values(args))
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         job.run()
