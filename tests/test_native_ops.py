@@ -123,7 +123,7 @@ def test_torch_compile_traces_through_the_operators():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(w, x), f(w, x))
     torch._dynamo.reset()
-    compiled_layer = torch.compile(layer, backend="aot_eager")
+    compiled_layer = torch.compile(layer, fullgraph=True, backend="aot_eager")  # its checks trace too
     with torch.no_grad():  # as the engine runs (the operators have no backward)
         assert torch.allclose(compiled_layer(x[:, None]).float(), layer(x[:, None]).float())
     torch._dynamo.reset()
