@@ -100,6 +100,19 @@ def test_stream_names_the_frames_in_a_header(server, clip):
     assert text.rstrip().endswith("data: [DONE]")
 
 
+def test_pages_of_allowed_origins_may_read_the_frames_header(tiny_model, clip):
+    body = {"model": "x", "max_tokens": 1, "stream": True,
+            "messages": [{"role": "user", "content": [video_part(clip.read_bytes(), frames=1)]}]}
+    with RunningServer(tiny_model, ServerSettings(allowed_origins="http://app.test")) as srv:
+        body["model"] = srv.client().models.list().data[0].id
+        with httpx.stream("POST", srv.base_url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Origin": "http://app.test"}) as r:
+            assert r.status_code == 200
+            assert r.headers["x-phi3v-video-frames"] == "2"  # frame 10 of 20: the middle one
+            assert "x-phi3v-video-frames" in r.headers["access-control-expose-headers"].lower()
+            r.read()
+
+
 def test_time_labels_reach_the_prompt(server, clip):
     client = server.client()
     plain = ask(client, [video_part(clip.read_bytes(), frames=2), {"type": "text", "text": "?"}])

@@ -28,6 +28,7 @@ from .schemas import (CONTENT_PART_TYPES, RESPONSE_FORMAT_TYPES, UNSUPPORTED_PAR
 from .service import ChatService
 from .settings import ServerSettings, accepted_model_names, served_model_id
 from .shutdown import DrainMiddleware, Lifecycle
+from .video_parts import FRAMES_HEADER
 
 log = logging.getLogger("phi3v.server")
 
@@ -82,7 +83,8 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     origins = parse_list(settings.allowed_origins)
     if origins:  # pages of these origins may call /v1 from a browser: answer their CORS preflights
         app.add_middleware(CORSMiddleware, allow_origins=["*"] if "*" in origins else list(origins),
-                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"],
+                           expose_headers=[FRAMES_HEADER])  # a page's script may read the video frames used
     # allowed_hosts None: localhost names only (phi3v serve passes `*` when bound to a public address).
     hosts = LOOPBACK_NAMES if settings.allowed_hosts is None else parse_list(settings.allowed_hosts)
     app.add_middleware(HostGuardMiddleware, allowed_hosts=hosts, allowed_origins=origins)
