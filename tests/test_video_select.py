@@ -39,6 +39,37 @@ def test_fps_maps_each_moment_to_the_frame_on_screen():
     assert pick(fps=25) == list(range(30))  # faster than the clip: each frame once
 
 
+def _fps_by_every_moment(times, duration, fps, start=None, end=None):
+    """The fps rule stepped moment by moment, as written (the reference for the faster loop)."""
+    lo, hi = start or 0.0, duration if end is None else min(end, duration)
+    first = max(i for i, t in enumerate(times) if t <= lo + 1e-9)
+    picks, k = [], 0
+    while lo + k / fps < hi:
+        s = lo + k / fps
+        i = max(first, max(j for j, t in enumerate(times) if t <= s + 1e-9))
+        if not picks or picks[-1] != i:
+            picks.append(i)
+        k += 1
+    return picks
+
+
+@pytest.mark.parametrize("times, duration", [
+    (TEN_FPS, 3.0), ([i / 29.97 for i in range(90)], 90 / 29.97), ([0.0, 0.5, 0.6, 2.0], 2.5),
+    ([0.0, 0.04, 0.1, 0.7, 0.71, 1.3, 2.2], 2.3)])
+@pytest.mark.parametrize("fps", [0.7, 1, 3, 7.5, 10, 24, 29.97, 60, 1000])
+@pytest.mark.parametrize("start, end", [(None, None), (0.5, None), (0.1, 1.25)])
+def test_fps_skipping_equals_every_moment(times, duration, fps, start, end):
+    assert select_frames(times, duration, FrameSelection(fps=fps, start=start, end=end)) == \
+        _fps_by_every_moment(times, duration, fps, start, end)
+
+
+def test_a_huge_fps_costs_steps_per_frame_not_per_moment():
+    """fps=1e12 on an hour at 30 fps would be 3.6e15 moments stepped one by one (a server request
+    could ask for it); skipping the moments that show the same frame makes it every frame once."""
+    times = [i / 30 for i in range(30 * 3600)]
+    assert select_frames(times, 3600.0, FrameSelection(fps=1e12)) == list(range(len(times)))
+
+
 def test_variable_frame_times():
     times = [0.0, 0.5, 0.6, 2.0]  # frame 2 stays on screen from 0.6 to 2.0
     assert select_frames(times, 2.5, FrameSelection(fps=1)) == [0, 2, 3]

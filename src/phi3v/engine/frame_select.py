@@ -93,7 +93,12 @@ def select_frames(times: list[float], duration: float, selection: FrameSelection
             i = max(cands.start, bisect.bisect_right(times, s + _TIME_EPS) - 1)
             if not picks or picks[-1] != i:
                 picks.append(i)
-            k += 1
+            if i + 1 >= len(times):
+                break  # every later moment shows the last frame
+            # Skip the moments that still show frame i: the next k whose moment may reach t_{i+1}
+            # (one early, against rounding; a repeat is dropped above). So a huge fps costs at most
+            # two steps per frame of the clip, not duration x fps steps.
+            k = max(k + 1, math.ceil((times[i + 1] - _TIME_EPS - lo) * selection.fps) - 1)
         return picks
     n = selection.frames if selection.frames is not None else default_frames
     m = len(cands)
