@@ -74,7 +74,8 @@ class OpenVINOEngine(TransformersEngine):
             out = {}
             for name in PROPERTIES:
                 try:
-                    out[name] = str(compiled.get_property(name))
+                    value = compiled.get_property(name)
+                    out[name] = value.get_type_name() if isinstance(value, ov.Type) else str(value)  # "bf16", "u8"
                 except RuntimeError:  # a property this plugin version does not have
                     pass
             return out
