@@ -88,6 +88,17 @@ def test_default_frames_fill_the_room_max_images_leaves(server, clip):
     assert len(video["frames"]) == MAX_IMAGES - 1  # the image took one of the 4
 
 
+def test_default_frames_fit_half_a_short_context(tiny_model_dir, clip):
+    """The engine's default rule: no more frames than fill half the context (at the costliest frame
+    shape, 781 tokens at num_crops 4, the clip's size being unknown yet): 4000 // 2 // 781 = 2."""
+    import phi3v
+
+    short = phi3v.load(str(tiny_model_dir), device="cpu", dtype="float32", progress=False, max_context=4000)
+    with RunningServer(short, ServerSettings(max_images=8)) as srv:
+        done = ask(srv.client(), [video_part(clip.read_bytes()), {"type": "text", "text": "?"}])
+    assert [f["index"] for f in done.model_extra["phi3v"]["videos"][0]["frames"]] == [5, 15]
+
+
 def test_stream_names_the_frames_in_a_header(server, clip):
     body = {"model": server.client().models.list().data[0].id, "max_tokens": 4, "stream": True,
             "messages": [{"role": "user", "content": [video_part(clip.read_bytes(), fps=0.5, start=1),

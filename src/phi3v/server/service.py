@@ -156,7 +156,10 @@ class ChatService:
                                    code="too_many_images")
                 parts.append(self._image_part(part.image_url.url, param))
             out.append({"role": role, "content": parts})
-        fill_default_frames(default_videos, n_images, self.settings.max_images)
+        if default_videos:  # the frames the engine would choose, within the room --max-images leaves
+            crops = requested_options(req)["num_crops"] or self.settings.default_num_crops or VIDEO_NUM_CROPS
+            fill_default_frames(default_videos, n_images, self.settings.max_images, crops,
+                                getattr(self.model, "context_length", None))
         return out
 
     def _image_part(self, url: str, param: str) -> dict:

@@ -9,8 +9,9 @@ The steps, in the order the service runs them (docs/server.md, "Video"):
    --allow-remote-images, nothing else: local paths never) and the frame selection is checked
    (engine.frame_select.FrameSelection), so a bad part is a 400 before any work. Frames count as
    images: a part's `frames` counts against --max-images at once; a part with neither `frames`
-   nor `fps` gets the room --max-images leaves (`fill_default_frames`, at most 16 per video); an
-   `fps` part is counted once its clip is planned (prepare's max_images).
+   nor `fps` gets the room --max-images leaves (`fill_default_frames`: at most 16 per video, and
+   no more than fill half the context at the costliest frame shape, the engine's default rule
+   without the clip's size); an `fps` part is counted once its clip is planned (prepare's max_images).
 2. in a preparation thread (`video_bytes`): the data: URI's base64 is decoded, or the remote video
    fetched (engine/remote_image.py: public addresses only, one total deadline), both capped at
    --max-video-mb.
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.frame_select import DEFAULT_MAX_FRAMES, FrameSelection
+from ..engine.frame_select import FrameSelection, default_frame_count
+from ..engine.image import num_image_tokens
 from ..engine.remote_image import fetch_image_bytes
 from ..engine.video_source import decode_video_data_uri
 from ..errors import ImageError, VideoError
@@ -66,9 +68,18 @@ def video_part(part, param: str, allow_remote: bool) -> dict:
     return {"type": "video", "video": VideoURLSource(url, param, scheme != "data"), **keys}
 
 
-def fill_default_frames(parts: list[dict], frames_counted: int, max_images: int) -> None:
+def costliest_frame_tokens(num_crops: int) -> int:
+    """The most image tokens one frame can cost at num_crops (its size unknown): the largest over
+    the HD grids of at most num_crops crops (4: 781 tokens, a 4x1 grid; a 16:9 frame costs 757)."""
+    return max(num_image_tokens(336 * cols, 336 * rows, num_crops)
+               for rows in range(1, num_crops + 1) for cols in range(1, num_crops // rows + 1))
+
+
+def fill_default_frames(parts: list[dict], frames_counted: int, max_images: int, num_crops: int,
+                        context: int | None) -> None:
     """Give each video part without `frames` or `fps` its share of the images left under
-    max_images (at most DEFAULT_MAX_FRAMES each); 400 when not even one frame each is left."""
+    max_images, at most the engine's default count (16, or what fills half the context at the
+    costliest frame); 400 when not even one frame each is left."""
     if not parts:
         return
     room = max_images - frames_counted
@@ -77,7 +88,11 @@ def fill_default_frames(parts: list[dict], frames_counted: int, max_images: int)
                             f"(over all messages; a video's frames count as images), and the images and frames "
                             f"asked for leave no room for the frames of {len(parts)} video(s). Ask for fewer "
                             f"frames.", param="messages", code="too_many_images")
-    share = min(DEFAULT_MAX_FRAMES, room // len(parts))
+    share = room // len(parts)
+    if context:
+        share = min(share, default_frame_count(costliest_frame_tokens(num_crops), context))
+    else:
+        share = min(share, default_frame_count(1, 2**62))  # 16
     for part in parts:
         part["frames"] = share
 
