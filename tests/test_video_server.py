@@ -170,9 +170,9 @@ def test_bad_videos_are_400s_and_the_server_stays_up(server, clip, tmp_path):
         (video_part(b"\x00" * (2**20 + 10)), "video_too_large", "--max-video-mb"),  # the cap (1 MiB here)
     ]
     for part, code, words in cases:
-        body = _error(lambda: ask(client, [part, {"type": "text", "text": "?"}]))
+        body = _error(lambda: ask(client, [{"type": "text", "text": "?"}, part]))
         assert body["code"] == code and words in body["message"], body
-        assert body["param"].startswith("messages")
+        assert body["param"] == "messages[0].content[1]" and body["message"].startswith(body["param"] + ": ")
     assert server.health()["status"] == "ok"
     assert ask(client, [video_part(raw, frames=1), {"type": "text", "text": "?"}]).choices[0].message.content is not None
 

@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
-from ..errors import ImageError, Phi3VError, PromptTooLongError, TooManyImagesError
+from ..errors import ImageError, Phi3VError, PromptTooLongError, TooManyImagesError, VideoError
 from ..engine.constraints import OutputFormat
 from ..engine.frame_select import VIDEO_NUM_CROPS
 from ..engine.image import ImageSourcePolicy
@@ -56,6 +56,7 @@ class Plan:
     response_format: Any = None  # schemas.ResponseFormat, or None; made an OutputFormat in preparation
     has_videos: bool = False  # video parts (server/video_parts.py): their bytes read in decode_images
     videos: list | None = None  # once prepared: the frames each video used (video_parts.videos_report)
+    video_params: tuple = ()  # where each video part was ("messages[0].content[1]"), for its 400
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,10 @@ class ChatService:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         has_images = any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
                          for m in messages)
-        has_videos = any(isinstance(m["content"], list) and any(p["type"] == "video" for p in m["content"])
-                         for m in messages)
+        video_params = tuple(p["video"].param for m in messages if isinstance(m["content"], list)
+                             for p in m["content"] if p["type"] == "video")
         return Plan(messages, options, max_tokens is not None, num_crops, bool(req.stream), include_usage,
-                    has_images, req.response_format, has_videos)
+                    has_images, req.response_format, bool(video_params), video_params=video_params)
 
     def _convert_messages(self, req: ChatCompletionRequest) -> list:
         """OpenAI messages -> phi3v messages; data: URIs kept as DataURI, for decode_images."""
@@ -244,6 +245,12 @@ class ChatService:
                                           max_images=self.settings.max_images if plan.has_videos else None)
         except TooManyImagesError as err:  # a video's fps gave more frames than the limit
             raise _too_many_frames(self.settings.max_images, str(err)) from None
+        except VideoError as err:  # a bad video; with one in the request, the 400 names its part
+            if len(plan.video_params) != 1:
+                raise from_phi3v_error(err) from None
+            where = plan.video_params[0]
+            text = str(err).removeprefix("video bytes: ")
+            raise APIError(400, f"{where}: {text}", param=where, code="invalid_video") from None
         except Phi3VError as err:
             raise from_phi3v_error(err) from None
         options = plan.options
