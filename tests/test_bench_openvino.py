@@ -21,6 +21,7 @@ import subprocess
 import pytest
 import torch
 
+from conftest import SHORT_ROPE
 from phi3v.bench import runner
 from phi3v.bench.openvino_convert import EXTRA_HINT, ensure_ir, ir_folder, missing_extra
 from phi3v.bench.report import build_report, markdown_table
@@ -31,8 +32,10 @@ needs_openvino = pytest.mark.skipif(bool(missing_extra()), reason=f"OpenVINO pee
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
-    # hidden 128: phi3v's int4 (group 128) and OpenVINO's recipe (group 128) both apply
-    return tiny_checkpoint(num_crops=2, hidden_size=128, intermediate_size=256)
+    # hidden 128: phi3v's int4 (group 128) and OpenVINO's recipe (group 128) both apply; the
+    # LongRoPE boundary at SHORT_ROPE tokens, so a few hundred tokens take the long factors
+    return tiny_checkpoint(num_crops=2, hidden_size=128, intermediate_size=256,
+                           original_max_position_embeddings=SHORT_ROPE)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,12 @@ def test_the_ir_computes_what_transformers_computes(checkpoint, irs):
                               (ov.step(ov._embed_ids(torch.tensor([78, 79]))), ids + [77, 78, 79])):
             want = ref.lm(input_ids=torch.tensor([want_ids])).logits[0, -1]
             assert (got - want).abs().max() <= 0.02 * want.abs().max()
+        # a prompt past the RoPE boundary: the IR switches to the long factors as transformers does
+        long_ids = [1] + torch.randint(100, 32000, (SHORT_ROPE + 40,), generator=torch.Generator().manual_seed(1)).tolist()
+        ov.reset()
+        got = ov.step(ov._embed_ids(torch.tensor(long_ids)))
+        want = ref.lm(input_ids=torch.tensor([long_ids])).logits[0, -1]
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()
         crops = torch.randn(3, 3, 336, 336, generator=torch.Generator().manual_seed(0))
         want = ref.encode_crops(crops)
         assert (ov.encode_crops(crops) - want).abs().max() <= 0.02 * want.abs().max()
