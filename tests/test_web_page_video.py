@@ -92,16 +92,19 @@ def test_a_bad_video_shows_the_servers_error(browser, server, tmp_path):  # noqa
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00" * 4096)
     page = browser.new_page()
+    console = []
+    page.on("pageerror", lambda e: console.append(str(e)))
     try:
         page.goto(server.base_url + "/")
         page.wait_for_function("document.getElementById('status').textContent === 'ready'")
         page.set_input_files("#file-input", str(bad))
-        page.wait_for_selector("#thumbs .thumb.video")  # no first frame to show: still listed
+        page.wait_for_selector("#thumbs .thumb.video .missing")  # no first frame to show: a grey tile
         page.fill("#prompt", "What happens?")
         page.click("#send")
         page.wait_for_selector("#error:visible", timeout=30_000)
         text = page.locator("#error").text_content()
         assert "HTTP 400" in text and "not a readable video file" in text
         assert page.locator("#thumbs .thumb.video").count() == 1  # given back, to retry
+        assert console == []  # the 400 is shown, not thrown
     finally:
         page.close()
