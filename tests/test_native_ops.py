@@ -8,6 +8,9 @@ plus one bf16 rounding of the output (2^-8 relative) for bf16 outputs."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -148,3 +151,18 @@ def test_load_builds_the_kernels(tiny_model_dir, monkeypatch):
     finally:
         monkeypatch.undo()
         native.reset_for_tests()
+
+
+def test_the_first_request_imports_nothing_the_load_could_have(tiny_model_dir):
+    """torch loads its custom-operator dispatch (sympy, ~1 s cold) on the first operator call;
+    phi3v.load() makes that call, so the first answer imports no new module (fresh process)."""
+    code = (
+        "import sys, phi3v\n"
+        f"m = phi3v.load({str(tiny_model_dir)!r}, device='cpu', dtype='bfloat16', progress=False)\n"
+        "before = set(sys.modules)\n"
+        "m.ask('hi', max_new_tokens=2)\n"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    new = eval(out.stdout.strip().splitlines()[-1])
+    assert not [name for name in new if name.split(".")[0] in ("sympy", "torch")], new

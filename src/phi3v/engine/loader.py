@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Phi3VError
-from ..kernels import native
+from ..kernels import native, ops
 from ..quant.checkpoint import load_quantized_weights, resolve_scheme
 from .config import ROPE_SWITCH_POLICIES, Phi3VConfig
 from .devices import resolve_device, resolve_dtype
@@ -78,4 +78,5 @@ def load_engine(model: str | os.PathLike, *, device: str | torch.device = "auto"
     module.eval()
     if dev.type == "cpu":
         native.prepare()  # build or find the decode kernels now, not in the first request
+        ops.warm_up()  # and torch's custom-operator dispatch, which the first call would load
     return LoadedModel(module, cfg, tokenizer, folder)

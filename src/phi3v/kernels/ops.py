@@ -107,3 +107,10 @@ def decode_attention_torch(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
         scores[..., :length] = scores[..., :length].masked_fill(hidden[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores * D**-0.5, dim=-1).to(v_buf.dtype)
     return torch.matmul(probs, v_buf).reshape(B, H, 1, D)  # (B, KVH, H/KVH, D) -> (B, H, 1, D)
+
+
+def warm_up() -> None:
+    """Dispatch one operator once on tiny tensors. torch's first call of any custom operator loads
+    its dispatch machinery (sympy among it, ~1 s); phi3v.load() pays that, not the first request."""
+    with torch.inference_mode():
+        gemv_bf16(torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(1, 8, dtype=torch.bfloat16))
