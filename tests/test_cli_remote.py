@@ -109,3 +109,40 @@ def test_an_api_key_is_sent_from_the_environment(cli, tiny_model, monkeypatch):
         monkeypatch.setenv("PHI3V_API_KEY", "s3cret")
         code, out, err = cli("ask", "-p", "hi", *GEN, "--server", srv.base_url)
         assert code == 0 and out.strip() == tiny_model.ask("hi", max_new_tokens=6).text.strip(), err
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    pytest.importorskip("av")
+    from video_fixtures import write_video
+
+    return write_video(tmp_path_factory.mktemp("v") / "clip.mp4", seconds=4, fps=5, width=672, height=336)
+
+
+def test_video_through_the_server_is_the_local_answer(cli, server, clip, tiny_model):
+    """`phi3v video CLIP --server`: the clip goes as a video_url data: URI with its selection keys;
+    the server picks the same frames, so the answer and the usage equal model.ask(video=...)."""
+    code, out, err = cli("video", clip, "-p", "What happens?", "--frames", "3", "--max-tokens", "6", "-q",
+                         "--num-crops", "1", "--json", "--server", server.base_url)
+    assert code == 0, err
+    report = json.loads(out)
+    expected = tiny_model.ask("What happens?", video=str(clip), frames=3, max_new_tokens=6, num_crops=1)
+    assert report["text"] == expected.text and report["usage"] == expected.usage.to_dict()
+    assert [f["time_s"] for f in report["video"]["frames"]] == [0.6, 2.0, 3.2]  # frames 3, 10, 16 at 5 fps
+
+
+def test_describe_of_a_video_through_the_server_streams_the_answer(cli, server, clip, tiny_model):
+    from phi3v import tasks
+
+    code, out, err = cli("describe", clip, "--fps", "0.5", "--max-tokens", "5", "-q", "--num-crops", "1",
+                         "--server", server.base_url)
+    assert code == 0, err
+    expected = tiny_model.ask(tasks.VIDEO_DESCRIBE_PROMPT, video=str(clip), fps=0.5, max_new_tokens=5, num_crops=1)
+    assert out == expected.text + "\n"
+
+
+def test_a_folder_of_frames_cannot_go_to_the_server(cli, server, tmp_path):
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "f1.png").write_bytes(png_bytes(40, 30, seed=1))
+    code, out, err = cli("video", tmp_path / "frames", "--server", server.base_url, "-q")
+    assert code != 0 and "folder of frames cannot be sent with --server" in err and "Traceback" not in err

@@ -97,8 +97,6 @@ def check_usage(args) -> None:
     if args.command == "describe" and args.images and is_video_argument(args.images[0]):
         if len(args.images) > 1:
             args.parser.error("describe takes one video")
-        if getattr(args, "server", None):
-            args.parser.error("a video cannot be sent with --server yet; run it locally")
     elif selection_given(args):
         args.parser.error("--frames, --fps, --start, --end and --time-labels apply to a video "
                           "(a video file or a folder of frames)")

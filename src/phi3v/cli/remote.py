@@ -31,6 +31,7 @@ from .configuration import configurable
 from .output import Spinner, finish_answer, write_answer_delta
 
 SERVER_ENV = "PHI3V_SERVER"
+FRAMES_HEADER = "X-Phi3V-Video-Frames"  # server/video_parts.py: the times of a video's frames, on a stream
 API_KEY_ENV = "PHI3V_API_KEY"
 CONNECT_TIMEOUT_S = 10.0  # GET /v1/models: a server that is up answers at once
 ANSWER_TIMEOUT_S = 600.0  # between two chunks of the reply (a long prefill on CPU sends nothing for a while)
@@ -62,6 +63,7 @@ class ServedModel:
     device: str
     dtype: str = "unknown"  # the server does not say
     default_num_crops: int | None = None
+    video_frame_times: list[float] | None = None  # a video's frames (seconds), as the server reported them
 
 
 def _request(url: str, body: dict | None = None) -> urllib.request.Request:
@@ -125,12 +127,37 @@ def image_data_uri(cli_image) -> str:
     return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
 
 
-def request_body(model_id: str, prompt: str, images, options, args) -> dict:
-    """The chat completion request of one answer command."""
+VIDEO_MIME = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
+              ".webm": "video/webm", ".avi": "video/x-msvideo", ".mpg": "video/mpeg", ".mpeg": "video/mpeg",
+              ".gif": "image/gif", ".webp": "image/webp"}
+
+
+def video_part(source: str, selection: dict) -> dict:
+    """The `video_url` content part (docs/server.md "Video") of a local clip: its bytes as a data:
+    URI, with the frame selection keys that were given (the server picks the frames by the same
+    rules; without frames/fps it fits them to its --max-images)."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        raise Phi3VError(f"{source}: a folder of frames cannot be sent with --server (the server takes video "
+                         "files); run it without --server, or make a video of the frames")
+    mime = VIDEO_MIME.get(os.path.splitext(path)[1].lower(), "video/mp4")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise Phi3VError(f"{source}: {err.strerror or err}") from None
+    keys = {k: v for k, v in selection.items() if v is not None and v is not False}
+    return {"type": "video_url", "video_url": {"url": f"data:{mime};base64,{base64.b64encode(raw).decode()}"}, **keys}
+
+
+def request_body(model_id: str, prompt: str, images, options, args, video: dict | None = None) -> dict:
+    """The chat completion request of one answer command (`video`: a video_part, instead of images)."""
     if getattr(args, "regex", None) is not None or getattr(args, "choices", None) is not None:
         raise Phi3VError("--regex and --choices are not available with --server (the OpenAI API has no such "
                          "request field); use --schema, or run without --server")
     content = [{"type": "image_url", "image_url": {"url": image_data_uri(im)}} for im in images]
+    if video is not None:
+        content.insert(0, video)
     content.append({"type": "text", "text": prompt})
     messages = [{"role": "user", "content": content}]
     if getattr(args, "system", None):
@@ -180,13 +207,14 @@ def _completion(text: str, finish_reason: str, last: dict | None, schema):
     return completion, extra.get("num_crops")
 
 
-def remote_answer(args, prompt: str, images, options):
-    """(ServedModel, Completion): the answer of the server at args.server, printed as it streams."""
+def remote_answer(args, prompt: str, images, options, video: dict | None = None):
+    """(ServedModel, Completion): the answer of the server at args.server, printed as it streams.
+    With `video` (a video_part), ServedModel.video_frame_times has the times of the frames used."""
     base = base_url(args.server)
     model_id = served_model_id(base)
     if (getattr(args, "config_sources", None) or {}).get("model") == "command line":
         model_id = args.model  # asked for by name: the server refuses another model
-    body = request_body(model_id, prompt, images, options, args)
+    body = request_body(model_id, prompt, images, options, args, video)
     printing = not (getattr(args, "json", False) or getattr(args, "no_stream", False))
     spinner = Spinner(f"asking {base}", enabled=not getattr(args, "quiet", False))
     text, finish_reason, last = [], "stop", None
@@ -228,4 +256,8 @@ def remote_answer(args, prompt: str, images, options):
     if printing:
         finish_answer("".join(text))
     completion, num_crops = _completion("".join(text), finish_reason, last, getattr(args, "schema", None))
-    return ServedModel(model_id, f"server {base}", default_num_crops=num_crops), completion
+    served = ServedModel(model_id, f"server {base}", default_num_crops=num_crops)
+    if video is not None:  # "0.5,1.5,2.5": the frames the server chose (server/video_parts.py)
+        times = (resp.headers.get(FRAMES_HEADER) or "").split(";")[0]
+        served.video_frame_times = [float(t) for t in times.split(",") if t]
+    return served, completion
