@@ -15,6 +15,7 @@ import torch
 
 import phi3v
 import phi3v.engine.generate as generate_module
+from phi3v.engine.running_batch import RunningBatch
 from phi3v.errors import Phi3VError
 from phi3v.options import GenerationOptions as Opts
 
@@ -163,7 +164,8 @@ def test_pieces_split_by_layers_equal_whole_pieces(tiny_checkpoint, request):
 
 class Recorder:
     """The order of things in a DecodeLoop: ("piece", crops) per CLIP call, ("prefill", tokens) per
-    prefill call, ("token", tag) per token a row received, ("step",) at each step's end."""
+    prefill call or prefill part fused into the running rows' pass (engine/fused_step.py),
+    ("token", tag) per token a row received, ("step",) at each step's end."""
 
     def __init__(self, model, monkeypatch, request):
         self.events: list[tuple] = []
@@ -175,6 +177,13 @@ class Recorder:
             return real(m, embeds, start, cache)
 
         monkeypatch.setattr(generate_module, "prefill", prefill)
+        real_fused = RunningBatch.step_with
+
+        def step_with(batch, tokens, others, want_logits):
+            self.events.extend(("prefill", int(g.embeds.shape[1])) for g in others)
+            return real_fused(batch, tokens, others, want_logits)
+
+        monkeypatch.setattr(RunningBatch, "step_with", step_with)
 
     def step(self, loop, tags: dict) -> list:
         events = loop.step()

@@ -162,9 +162,15 @@ class Attention(nn.Module):
         self.o_proj = DecodeLinear(q, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int, mask):
-        B, L, _ = x.shape
+        """x (B, L, hidden) -> (B, L, hidden): projections around attend()."""
+        return self.o_proj(self.attend(self.qkv_proj(x), cos, sin, cache, layer, start, mask))
+
+    def attend(self, qkv, cos, sin, cache: KVCache | None, layer: int, start: int, mask) -> torch.Tensor:
+        """The per-sequence part between the projections: qkv (B, L, q + 2kv) projected rows ->
+        rotate, write the cache, attend -> (B, L, q) for o_proj. engine/fused_step.py calls it per
+        group of rows whose projections ran together."""
+        B, L, _ = qkv.shape
         q_w, kv_w = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = self.qkv_proj(x)  # (B, L, q + 2kv)
         q = qkv[..., :q_w].view(B, L, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = qkv[..., q_w : q_w + kv_w].view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         v = qkv[..., q_w + kv_w :].view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -173,12 +179,12 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v, start)
             if L == 1 and mask is None:  # decode: one new token attending to everything cached
                 out = decode_attention(q, cache.k[layer], cache.v[layer], start + 1)
-                return self.o_proj(out.reshape(B, 1, q_w))
+                return out.reshape(B, 1, q_w)
             if L == 1 and mask.dtype == torch.bool and mask.shape[1:3] == (1, 1) \
                     and _native_attention_ok(q, cache.k[layer], cache.v[layer]):
                 # batched decode: the mask (B, 1, 1, S) only hides each row's left padding
                 out = ops.decode_attention(q, cache.k[layer], cache.v[layer], start + 1, mask[:, 0, 0])
-                return self.o_proj(out.reshape(B, 1, q_w))
+                return out.reshape(B, 1, q_w)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -187,7 +193,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=(L > 1))
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, q_w))
+        return out.transpose(1, 2).reshape(B, L, q_w)
 
 
 class MLP(nn.Module):

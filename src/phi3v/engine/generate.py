@@ -38,6 +38,7 @@ import torch
 from ..options import GenerationOptions
 from ..results import Completion, Timings, Usage
 from .decoder import KVCache, build_attention_mask
+from .fused_step import Group
 from .constraints import ConstraintState
 from .model import Phi3VForCausalLM
 from .running_batch import RunningBatch
@@ -116,7 +117,7 @@ class DecodeLoop:
 
     def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
                  logits_hook=None, prefill_chunk: int | None = None, vision_chunk: int | None = None,
-                 vision_layers: int | None = None):
+                 vision_layers: int | None = None, fuse_prefill: bool = True):
         """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
         logits) sees the float32 logits each token is chosen from (for tests). prefill_chunk:
         prompt tokens prefilled per step at most while other rows are running (None: whole prompts
@@ -126,8 +127,12 @@ class DecodeLoop:
         vision_chunk: image crops a newcomer encodes per step while other rows are running (one
         vision-tower call; 0: all at once); None, or with no row running: the tower's own
         vision_chunk (phi3v.load(vision_chunk=...), which bounds its memory). vision_layers: while
-        rows run, a step runs at most this many of the tower's layers on a piece (None or 0: all)."""
+        rows run, a step runs at most this many of the tower's layers on a piece (None or 0: all).
+        fuse_prefill: while rows run, a newcomer's prefill chunk goes through the same decoder pass
+        as their step (engine/fused_step.py: the weights are read once for both); False: a pass of
+        its own after theirs."""
         self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
+        self.fuse_prefill = fuse_prefill
         self.logits_hook = logits_hook
         self.prefill_chunk, self.vision_chunk, self.vision_layers = prefill_chunk, vision_chunk, vision_layers
         self.batch = RunningBatch(model)
@@ -161,25 +166,64 @@ class DecodeLoop:
     def step(self) -> list[tuple[Row, str]]:
         """One decoding step of every row -> [(row, text delta)] for each row that produced a
         token (a row whose `done` became True ended in this step)."""
-        if self.running:
-            self._feed()
         events: list[tuple[Row, str]] = []
-        for row in self._admit():
-            events.append((row, ""))  # failed to start: finish_reason "error", row.error set
+        fused: list[tuple[Row, Group, int, bool]] = []  # prefill parts that share the rows' pass
+        if self.running:
+            crossing = self._crossing()
+            if self.fuse_prefill and not crossing:
+                fused = self._fused_parts(events)
+            self._feed(crossing, fused)
+        if not fused:  # a fused step did this step's newcomer work already
+            for row in self._admit():
+                events.append((row, ""))  # failed to start: finish_reason "error", row.error set
         if self.running:
             events.extend(self._sample())
         return events
 
     # -- the three phases ------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _feed(self) -> None:
+    def _crossing(self) -> list[int]:
+        """Running rows whose sequence now leaves the short-RoPE range under "recompute"."""
+        if self.rope_switch != "recompute":
+            return []
         text_cfg = self.model.cfg.text
-        crossing = []  # rows whose sequence now leaves the short-RoPE range under "recompute"
-        if self.rope_switch == "recompute":
-            crossing = [j for j, r in enumerate(self.running)
-                        if not r.long_rope and text_cfg.uses_long_rope(r.length)]
+        return [j for j, r in enumerate(self.running) if not r.long_rope and text_cfg.uses_long_rope(r.length)]
+
+    def _fused_parts(self, events: list) -> list[tuple[Row, Group, int, bool]]:
+        """The prefill parts this step's decoder pass takes besides the running rows' tokens: what
+        _admit would prefill (first come, first served, rows with their image features, at most
+        prefill_chunk tokens in all) -> [(row, group, tokens, whether its prompt is then all in)].
+        A row that cannot start gets finish_reason "error" and an event."""
+        parts, budget = [], self.prefill_chunk
+        for row in list(self.waiting):
+            if row.features is not None or (budget is not None and budget <= 0):
+                break
+            try:
+                self._prefill_setup(row)
+            except Exception as err:  # noqa: BLE001 - only this row is concerned
+                events.append((self._fail_waiting(row, err), ""))
+                continue
+            group, n, last = self._next_part(row, budget)
+            parts.append((row, group, n, last))
+            budget = None if budget is None else budget - n
+            if not last:
+                break  # the rest of its prompt goes in the next steps
+        return parts
+
+    @torch.inference_mode()
+    def _feed(self, crossing: list[int], fused: list[tuple[Row, Group, int, bool]]) -> None:
+        """The running rows' pending tokens through the decoder -> self._logits. With `fused`
+        parts (_fused_parts), those go through the same pass; a row whose prompt is then all in
+        joins the batch, its logits after the running rows'."""
+        text_cfg = self.model.cfg.text
         try:
-            if len(crossing) == len(self.running):
+            if fused:
+                t0 = time.perf_counter()
+                logits = self.batch.step_with([r._pending for r in self.running], [p[1] for p in fused],
+                                              [p[3] for p in fused])  # (B + joining, V)
+                for row, _, n, last in fused:
+                    self._part_done(row, n, last)
+                    row.timings.prefill_s += time.perf_counter() - t0
+            elif len(crossing) == len(self.running):
                 self.batch.advance()  # every row is re-prefilled below: skip the shared step
                 logits = torch.empty(len(self.running), text_cfg.vocab_size,
                                      device=self.model.lm_head.weight.device)
@@ -188,11 +232,16 @@ class DecodeLoop:
             for j in crossing:
                 logits[j] = self._recompute_long(j)
         except Exception as err:  # noqa: BLE001 - the batch's cache is no longer consistent
+            for row, *_ in fused:
+                self._fail_waiting(row, err)
             self._fail_running(err)
             raise
         for r in self.running:
             r._pending = None
-        self._logits = logits
+        for row, _, _, last in fused:
+            if last:  # fused parts come first come, first served: the joining rows lead the queue
+                self._join(row)
+        self._logits = logits  # rows that joined: their logits follow the B rows', in order
 
     def _admit(self) -> list[Row]:
         """Work on waiting rows (first come, first served) within this step's budget: one vision
@@ -218,19 +267,13 @@ class DecodeLoop:
                 logits, used = self._prefill(row, budget)
                 worked = True
             except Exception as err:  # noqa: BLE001 - only this row is concerned
-                self.waiting.pop(0)
-                row.finish_reason, row.error, row._embeds, row.features = "error", err, None, None
-                row.cache = None
-                failed.append(row)
+                failed.append(self._fail_waiting(row, err))
                 continue
             if budget is not None:
                 budget -= used
             if logits is None:
                 break  # part of its prompt is left for the next steps
-            self.waiting.pop(0)
-            self.batch.join(row.cache)
-            row.cache = None  # owned by the batch now
-            self.running.append(row)
+            self._join(row)
             new_logits.append(logits[None])
         if new_logits:
             parts = ([self._logits] if self._logits is not None else []) + new_logits
@@ -304,28 +347,60 @@ class DecodeLoop:
         """Prefill the next part of row's prompt (at most `budget` tokens, unless the prompt needs
         the long factors) -> (last-position logits once the whole prompt is in, tokens done)."""
         t0 = time.perf_counter()
-        L = row.prompt_ids.numel()
-        long_prompt = self.model.cfg.text.uses_long_rope(L)
-        if row._prefilled is None:  # first part: the cache, and the prompt's embeddings
-            start = row.reuse_prefix if row.cache is not None else 0
-            if row.cache is None:
-                row.cache = self.model.new_cache()
-            row.cache.length = start
-            if row.image_embeds:  # placeholders may sit in the reused part: embed all, keep the rest
-                row._embeds = self.model.embed(row.prompt_ids, row.image_embeds)[start:]
-            else:
-                row._embeds = self.model.embed(row.prompt_ids[start:])
-            row._prefilled = start
-        start, done = L - row._embeds.shape[0], row._prefilled
-        n = L - done if budget is None or long_prompt else min(budget, L - done)
-        logits = prefill(self.model, row._embeds[done - start:done - start + n], done, row.cache)
-        row._prefilled = done + n
+        self._prefill_setup(row)
+        part, n, last = self._next_part(row, budget)
+        logits = prefill(self.model, part.embeds[0], row._prefilled, part.cache)  # (V,)
+        logits = logits if last else None
+        self._part_done(row, n, last)
         row.timings.prefill_s += time.perf_counter() - t0
-        if row._prefilled < L:
-            return None, n
-        row._embeds = None
-        row.long_rope = long_prompt
         return logits, n
+
+    def _prefill_setup(self, row: Row) -> None:
+        """Before row's first prefill part: its one-row cache (holding a reused prefix, if any)
+        and its prompt's embeddings past that prefix (row._embeds (L - start, hidden))."""
+        if row._prefilled is not None:
+            return
+        start = row.reuse_prefix if row.cache is not None else 0
+        if row.cache is None:
+            row.cache = self.model.new_cache()
+        row.cache.length = start
+        if row.image_embeds:  # placeholders may sit in the reused part: embed all, keep the rest
+            row._embeds = self.model.embed(row.prompt_ids, row.image_embeds)[start:]
+        else:
+            row._embeds = self.model.embed(row.prompt_ids[start:])
+        row._prefilled = start
+
+    def _next_part(self, row: Row, budget: int | None) -> tuple[Group, int, bool]:
+        """Row's next prefill part (at most `budget` tokens, unless the prompt needs the long
+        factors: then all of it) as a decoder group (1, n, hidden) at positions [done, done + n)
+        -> (group, n, whether it is the prompt's last part)."""
+        L = row.prompt_ids.numel()
+        start, done = L - row._embeds.shape[0], row._prefilled
+        n = L - done if budget is None or self.model.cfg.text.uses_long_rope(L) else min(budget, L - done)
+        embeds = row._embeds[None, done - start:done - start + n]
+        positions = torch.arange(done, done + n, device=embeds.device)[None]
+        mask = build_attention_mask(n, done, None, embeds.device)
+        return Group(embeds, positions, row.cache, mask), n, done + n == L
+
+    def _part_done(self, row: Row, n: int, last: bool) -> None:
+        row._prefilled += n
+        if last:
+            row._embeds = None
+            row.long_rope = self.model.cfg.text.uses_long_rope(row.prompt_ids.numel())
+
+    def _join(self, row: Row) -> None:
+        """The first waiting row, its prompt all in its cache, joins the running batch."""
+        self.waiting.pop(0)
+        self.batch.join(row.cache)
+        row.cache = None  # owned by the batch now
+        self.running.append(row)
+
+    def _fail_waiting(self, row: Row, err: BaseException) -> Row:
+        """A waiting row could not start: it leaves the queue with finish_reason "error"."""
+        self.waiting = [r for r in self.waiting if r is not row]
+        row.finish_reason, row.error, row._embeds, row.features = "error", err, None, None
+        row.cache = None
+        return row
 
     @torch.inference_mode()
     def _recompute_long(self, j: int) -> torch.Tensor:

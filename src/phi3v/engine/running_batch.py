@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import KVCache, build_attention_mask
+from .fused_step import Group, forward_groups
 from .model import Phi3VForCausalLM
 
 # Leading all-pad columns are cut once this many accumulate (each cut copies the cache).
@@ -100,13 +101,30 @@ class RunningBatch:
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed one token per row (batch order) -> (B, vocab) float32 logits of the next token."""
+        group = self._decode_group(tokens)
+        h = self.model.forward_hidden(group.embeds, group.positions, self.cache, group.mask)
+        self.next_pos += 1
+        return self.model.logits(h[:, -1])
+
+    @torch.inference_mode()
+    def step_with(self, tokens: list[int], others: list[Group], want_logits: list[bool]) -> torch.Tensor:
+        """step() and `others` (newcomers' prefill chunks, each (1, C_i, hidden) into its own cache)
+        in one decoder pass (engine/fused_step.py) -> (B + k, vocab) float32 logits: the B rows',
+        then for each other with want_logits (k of them, in order) the logits after its last position."""
+        group = self._decode_group(tokens)
+        h_rows, *h_others = forward_groups(self.model, [group, *others])  # (B, 1, hidden), (1, C_i, hidden)
+        self.next_pos += 1
+        last = [h_rows[:, -1]] + [h[:, -1] for h, want in zip(h_others, want_logits) if want]
+        return self.model.logits(torch.cat(last))  # one lm_head call for every row that needs logits
+
+    def _decode_group(self, tokens: list[int]) -> Group:
+        """The rows' next tokens as a decoder group: embeds (B, 1, hidden) at next_pos, the pad mask
+        grown by the new slot."""
         dev = self.next_pos.device
         embeds = self.model.model.embed_tokens(torch.tensor(tokens, device=dev))[:, None]  # (B, 1, hidden)
         self._grow_mask()
         mask = build_attention_mask(1, self.cache.length, self.key_valid, dev)
-        h = self.model.forward_hidden(embeds, self.next_pos[:, None], self.cache, mask)
-        self.next_pos += 1
-        return self.model.logits(h[:, -1])
+        return Group(embeds, self.next_pos[:, None], self.cache, mask)
 
     def advance(self) -> None:
         """Make room for one more token per row without computing it (every row's new slot is

@@ -67,6 +67,10 @@ class ServerSettings:
         12, "vision-tower layers such a piece goes through per decode step of the running ones (the full-size "
             "tower uses 23: 12 = a crop in two steps); 0 = all of them", "--vision-layers", bounds=Bounds(0),
         metavar="N")
+    separate_prefill: bool = setting(
+        False, "run a joining request's prefill chunks as decoder passes of their own, after the running "
+               "requests' step, instead of inside it (one pass reads the weights once for both); for comparisons",
+        "--separate-prefill", default_text="off")
     retained_conversations: int = setting(
         8, "finished conversations whose KV caches are kept (within --retained-kv-mb) for follow-up "
            "requests that continue them", "--retained-conversations", bounds=POSITIVE, metavar="N")
