@@ -75,6 +75,8 @@ class Phi3V:
         last conversation's KV cache so a follow-up that extends it prefills only the new tokens.
         quantize: None | "int8" | "int4" (| "int4:GROUP") quantizes the decoder's linear layers while
         loading (phi3v.quant.layers); a checkpoint written by `phi3v quantize` loads quantized as it is.
+        "w8a8" (opt-in, never a default): int8 weights for the decoder and the CLIP tower, and int8
+        activations (per token, at run time) for calls of 9+ rows, prefill and vision (quant.w8a8_layer).
         low_memory: after each image encoding on the CPU, hand the vision tower's memory-mapped
         weight pages back to the OS (phi3v.kernels.page_out; ~0.58 GiB less resident while the decoder runs,
         re-read from the page cache at the next image). None = on for quantized models.

@@ -96,9 +96,10 @@ def model_parent() -> argparse.ArgumentParser:
     configurable(g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                                 help="weights and compute dtype (default: auto = bfloat16, float32 on MPS)"))
     configurable(g.add_argument(
-        "--quantize", choices=("int8", "int4"), default=None,
-        help="quantize the decoder's linear layers while loading (weight-only; less memory, "
-             "faster decode on CPU; a checkpoint from `phi3v quantize` needs no flag)"))
+        "--quantize", choices=("int8", "int4", "w8a8"), default=None,
+        help="quantize the decoder's linear layers while loading (int8/int4 weight-only; less memory, "
+             "faster decode on CPU; w8a8: int8 weights and int8 activations for prefill and the vision "
+             "tower, faster first token; a checkpoint from `phi3v quantize` needs no flag)"))
     configurable(g.add_argument(
         "--low-memory", action=argparse.BooleanOptionalAction, default=None,
         help="hand the vision tower's weight pages back to the OS after each image "

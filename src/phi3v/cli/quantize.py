@@ -20,6 +20,8 @@ from .running import run_alone
 EPILOG = """schemes:
   int8   per output channel, symmetric (about 4.3 GB for Phi-3-vision)
   int4   per group of --group-size inputs, asymmetric (about 2.9 GB); the fastest decode on CPU
+  w8a8   int8 weights as int8, CLIP tower included (--vision implied); loaded, prefill and vision
+         also quantize activations per token (int8 x int8 GEMM, docs/performance.md)
 
 The decoder's linear layers are quantized; embeddings, lm_head, norms and (unless --vision) the
 CLIP tower and projector keep the source dtype.
@@ -43,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", default=None,
                    help="folder to write (must not exist or be empty; default: $PHI3V_HOME/models/NAME-SCHEME, "
                         "which `phi3v list` shows and --model NAME-SCHEME finds)")
-    p.add_argument("--scheme", choices=("int8", "int4"), required=True, help="quantization scheme")
+    p.add_argument("--scheme", choices=("int8", "int4", "w8a8"), required=True, help="quantization scheme")
     p.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="int4: inputs per scale/zero pair, a power of two >= 16 (default 128)")
     p.add_argument("--vision", action="store_true", help="also quantize the CLIP tower's layers (the projector stays float)")
@@ -58,11 +60,11 @@ def run(args) -> int:
     from ..quant.checkpoint import quantize_checkpoint
     from ..quant.layers import QuantConfig
 
-    if args.scheme == "int8" and args.group_size is not None:
-        raise Phi3VError("--group-size applies to int4 only (int8 is per output channel)")
+    if args.scheme in ("int8", "w8a8") and args.group_size is not None:
+        raise Phi3VError(f"--group-size applies to int4 only ({args.scheme} is per output channel)")
     if args.shard_size_gb <= 0:
         raise Phi3VError("--shard-size-gb must be positive")
-    qc = QuantConfig(args.scheme, args.group_size, vision=args.vision)
+    qc = QuantConfig(args.scheme, args.group_size, vision=args.vision or args.scheme == "w8a8")
     src = resolve_model_dir(args.source, progress=not args.quiet)
     show = not args.quiet and sys.stderr.isatty()
 

@@ -51,7 +51,7 @@ def load_engine(model: str | os.PathLike, *, device: str | torch.device = "auto"
     """Load a checkpoint folder or hub id (see the module docstring for the steps).
 
     dtype:       None/"auto" = bfloat16 (float32 on MPS), or a name engine.devices accepts.
-    quantize:    None | "int8" | "int4" | "int4:GROUP" (quant.layers.QuantConfig.parse); a quantized
+    quantize:    None | "int8" | "int4" | "int4:GROUP" | "w8a8" (quant.layers.QuantConfig.parse); a quantized
                  checkpoint loads quantized without it.
     rope_switch: None = the model family's reference policy, or one of ROPE_SWITCH_POLICIES.
     model_dir:   the folder `model` already resolved to (a caller that showed a download's progress

@@ -318,7 +318,7 @@ def save_quantized(model, out_dir, *, shard_bytes: int = SHARD_BYTES) -> Path:
     quantized = dict(quantized_layers(module))
     for name, layer in quantized.items():
         for key, t in layer.portable().items():
-            writer.add(f"{name}.{key}", t.float() if (qc.scheme == "int8" and key == "scales") else t)
+            writer.add(f"{name}.{key}", t.float() if (qc.scheme in ("int8", "w8a8") and key == "scales") else t)
     prefixes = tuple(n + "." for n in quantized)
     for name, t in module.state_dict().items():
         if not name.startswith(prefixes):

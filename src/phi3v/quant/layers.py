@@ -40,8 +40,9 @@ from torch import nn
 
 from ..kernels import native, ops
 from ..errors import CheckpointError, Phi3VError
+from .w8a8_layer import FLOAT_RULES, W8A8Linear, keeps_float
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "w8a8")  # w8a8: quant.w8a8_layer (int8 activations for prefill and vision)
 CONFIG_KEY = "phi3v_quantization"  # config.json key of a quantized checkpoint
 DEFAULT_GROUP_SIZE = 128
 # Rows (tokens) at and above which CPU layers dequantize the weight to bf16 once per call and use the
@@ -65,9 +66,10 @@ _VISION_ENCODER = "model.vision_embed_tokens.img_processor.vision_model.encoder.
 class QuantConfig:
     """Which layers are quantized and how; `to_json()` is stored under config.json[CONFIG_KEY]."""
 
-    scheme: str  # "int8" | "int4"
+    scheme: str  # "int8" | "int4" | "w8a8"
     group_size: int | None = None  # int4: inputs per (scale, zero) pair; None for int8
     vision: bool = False  # also quantize the CLIP encoder layers
+    keep_float: tuple[str, ...] = ()  # w8a8: layers left float, rule names of w8a8_layer.FLOAT_RULES
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -78,17 +80,28 @@ class QuantConfig:
                 raise Phi3VError(f"int4 group size must be a power of two >= 16, got {self.group_size!r}")
             object.__setattr__(self, "group_size", g)
         elif self.group_size is not None:
-            raise Phi3VError("int8 quantization is per output channel: it takes no group size")
+            raise Phi3VError(f"{self.scheme} quantization is per output channel: it takes no group size")
+        keep = tuple(self.keep_float)
+        if keep and self.scheme != "w8a8":
+            raise Phi3VError(f"keep_float is a w8a8 setting; {self.scheme} takes none")
+        unknown = [r for r in keep if r not in FLOAT_RULES]
+        if unknown:
+            raise Phi3VError(f"unknown w8a8 float layer rule(s) {unknown}; choose from {', '.join(FLOAT_RULES)}")
+        object.__setattr__(self, "keep_float", keep)
 
     @classmethod
     def parse(cls, value) -> "QuantConfig | None":
-        """None | "int8" | "int4" | "int4:64" (group size) | a QuantConfig | a config dict."""
+        """None | "int8" | "int4" | "int4:64" (group size) | "w8a8" | "w8a8:first,last" (layers left
+        float, w8a8_layer.FLOAT_RULES) | a QuantConfig | a config dict.
+        "w8a8" always includes the CLIP encoder (the vision tower is half of its point)."""
         if value is None or isinstance(value, QuantConfig):
             return value
         if isinstance(value, dict):
             return cls.from_json(value)
         text = str(value).strip().lower()
         scheme, _, group = text.partition(":")
+        if scheme == "w8a8":
+            return cls(scheme, vision=True, keep_float=tuple(r.strip() for r in group.split(",") if r.strip()))
         if group:
             if not group.isdigit():
                 raise Phi3VError(f"bad quantization {value!r}: expected int4:GROUP_SIZE, e.g. int4:128")
@@ -100,7 +113,7 @@ class QuantConfig:
         if not isinstance(d, dict) or "scheme" not in d:
             raise CheckpointError(f"config.json {CONFIG_KEY} must be an object with a 'scheme', got {d!r}")
         try:
-            return cls(d["scheme"], d.get("group_size"), bool(d.get("vision", False)))
+            return cls(d["scheme"], d.get("group_size"), bool(d.get("vision", False)), tuple(d.get("keep_float", ())))
         except Phi3VError as err:
             raise CheckpointError(f"config.json {CONFIG_KEY}: {err}") from err
 
@@ -109,10 +122,14 @@ class QuantConfig:
         if self.group_size is not None:
             d["group_size"] = self.group_size
         d["vision"] = self.vision
+        if self.keep_float:
+            d["keep_float"] = list(self.keep_float)
         return d
 
     def label(self) -> str:
-        return self.scheme if self.scheme == "int8" else f"int4 (group {self.group_size})"
+        if self.scheme == "int4":
+            return f"int4 (group {self.group_size})"
+        return f"w8a8 ({', '.join(self.keep_float)} float)" if self.keep_float else self.scheme
 
 
 def checkpoint_quantization(raw_config: dict) -> QuantConfig | None:
@@ -123,10 +140,11 @@ def checkpoint_quantization(raw_config: dict) -> QuantConfig | None:
 
 def target_linear_names(module: nn.Module, qc: QuantConfig) -> list[str]:
     """Full names of the nn.Linear layers `qc` quantizes (decoder layers; CLIP encoder if asked).
-    The lm_head and the embeddings stay in float: the engine reads lm_head.weight for its dtype."""
+    The lm_head and the embeddings stay in float: the engine reads lm_head.weight for its dtype.
+    w8a8 also leaves the layers its keep_float rules name in float (quant.w8a8_layer.keeps_float)."""
     names = []
     for name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear):
+        if not isinstance(sub, nn.Linear) or (qc.scheme == "w8a8" and keeps_float(name, module, qc.keep_float)):
             continue
         if name.startswith("model.layers.") and name.split(".", 3)[3] in DECODER_LINEARS:
             names.append(name)
@@ -434,6 +452,8 @@ def new_quantized_linear(qc: QuantConfig, in_features: int, out_features: int, b
     """An empty quantized layer (portable layout) for loading a quantized checkpoint into."""
     if qc.scheme == "int8":
         return WeightOnlyInt8Linear(in_features, out_features, bias, device=device, dtype=dtype)
+    if qc.scheme == "w8a8":
+        return W8A8Linear(in_features, out_features, bias, device=device, dtype=dtype)
     return WeightOnlyInt4Linear(in_features, out_features, bias, group_size=qc.group_size, device=device,
                                 dtype=dtype)
 
@@ -447,13 +467,15 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, qc: QuantCo
     """A ready quantized layer from a float weight (N, K) and optional bias (N,)."""
     if qc.scheme == "int8":
         return WeightOnlyInt8Linear.from_weight(weight, bias, dtype=dtype)
+    if qc.scheme == "w8a8":
+        return W8A8Linear.from_quantized(*quantize_int8(weight), bias, dtype=dtype)
     return WeightOnlyInt4Linear.from_weight(weight, bias, group_size=qc.group_size, dtype=dtype)
 
 
 def portable_tensors(weight: torch.Tensor, bias: torch.Tensor | None, qc: QuantConfig) -> dict[str, torch.Tensor]:
     """Checkpoint tensors (suffix -> tensor) of one quantized layer, from its float weight.
-    int8 scales are kept in float32 so loading in any float dtype rounds them only once."""
-    if qc.scheme == "int8":
+    int8 (and w8a8) scales are kept in float32 so loading in any float dtype rounds them only once."""
+    if qc.scheme in ("int8", "w8a8"):
         q, s = quantize_int8(weight)
         out = {"qweight": q, "scales": s}
     else:
@@ -483,5 +505,5 @@ def quantize_model(module: nn.Module, scheme) -> nn.Module:
 def quantized_layers(module: nn.Module):
     """(name, layer) of every quantized layer of `module`."""
     for name, sub in module.named_modules():
-        if isinstance(sub, (WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
+        if isinstance(sub, (WeightOnlyInt8Linear, WeightOnlyInt4Linear, W8A8Linear)):
             yield name, sub
