@@ -173,3 +173,32 @@ def test_serve_separate_prefill_reaches_the_loop(tiny_model_dir):
         settings = settings_from_args(build_parser().parse_args(argv))
         worker = create_app(model, settings).state.worker  # not started: no lifespan here
         assert worker._new_loop().fuse_prefill is fuse
+
+
+@pytest.mark.parametrize("rope_switch", ["mixed", "recompute"])
+def test_fused_steps_keep_the_long_rope_rules(tiny_checkpoint, rope_switch):
+    """Phi-3.5-vision with its RoPE boundary at SHORT_ROPE tokens: a running row crosses it while
+    newcomers prefill (under "recompute" the crossing step re-prefills it, unfused), one newcomer's
+    prompt is past the boundary (prefilled whole, fused, with the long factors), another goes in
+    chunks of 16. Every row's greedy tokens equal its run alone."""
+    from conftest import SHORT_ROPE
+
+    model = phi3v.load(str(tiny_checkpoint("phi35v", original_max_position_embeddings=SHORT_ROPE)),
+                       device="cpu", dtype="float32", progress=False)
+    module, switch = model.module, rope_switch
+    prompts = [ids(SHORT_ROPE - 3, 5), ids(SHORT_ROPE + 20, 6), ids(70, 7)]
+    lengths = [30, 4, 4]
+
+    def run(rows_at: dict[int, list[int]], chunk):
+        loop = DecodeLoop(module, frozenset(), switch, prefill_chunk=chunk)
+        rows = [Row(p, [], Opts(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+        step = 0
+        while step == 0 or loop.busy:
+            for k in rows_at.get(step, []):
+                loop.add(rows[k])
+            loop.step()
+            step += 1
+        return [r.generated for r in rows]
+
+    want = [run({0: [k]}, None)[k] for k in range(3)]
+    assert run({0: [0], 1: [1], 2: [2]}, 16) == want
