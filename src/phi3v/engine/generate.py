@@ -14,6 +14,9 @@ rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
                 most `prefill_chunk` prompt tokens, so a newcomer never stalls the others'
                 streams for long (it joins after a few steps). With nothing running
                 a prompt is prefilled whole, and every waiting row with its features joins.
+                fuse_prefill (default): while rows run, that prefill is not a pass of its own but
+                goes through step 1's decoder pass (engine/fused_step.py: the running rows' tokens
+                and the prompt chunk share the weight reads; attention per sequence), same budget.
     3. sample   every running row picks its next token, pushes it to its text, and leaves the
                 batch when it is done (stop id, stop string, max_new_tokens)
 
