@@ -82,7 +82,23 @@ def test_c_quantizer_gives_the_torch_bytes(dtype):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_without_native_code_the_torch_quantizer_is_used(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_epilogue_scales_rows_and_adds_the_bias(dtype):
+    if not w8a8_native.prepare():
+        pytest.skip("no C compiler / not x86-64 Linux: torch does the epilogue")
+    gen = torch.Generator().manual_seed(5)
+    y, b = torch.randn(33, 70, generator=gen).to(dtype), torch.randn(70, generator=gen).to(dtype)
+    sx = torch.rand(33, 1, generator=gen).to(torch.bfloat16).float()
+    for bias in (None, b):
+        got = y.clone()
+        assert w8a8_native.scale_rows(got, sx, bias)
+        want = y.double() * sx.double() + (0 if bias is None else bias.double())
+        ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-23  # one rounding to y's dtype
+        assert ((got.double() - want).abs() <= want.abs() * ulp + 1e-6).all()
+    assert not w8a8_native.scale_rows(y.t().contiguous().t(), sx)  # not contiguous: the caller uses torch
+
+
+def test_without_native_code_torch_does_the_same(monkeypatch):
     monkeypatch.setenv("PHI3V_NATIVE", "0")
     w8a8_native.reset_for_tests()
     try:
@@ -90,6 +106,12 @@ def test_without_native_code_the_torch_quantizer_is_used(monkeypatch):
         x = torch.randn(10, 64)
         assert w8a8_native.quantize_rows(x) is None
         assert torch.equal(quantize_rows(x)[0], quantize_rows_torch(x)[0])
+        q, s = quantize_int8(torch.randn(24, 64) * 0.05)
+        bias = torch.randn(24)
+        for kernel in KERNELS:  # the torch epilogue (oneDNN's output scaled and biased in torch)
+            got = linear_w8a8(x, _packed(kernel, q, s), bias)
+            want = _expected(x, q, s) + bias.double()
+            assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     finally:
         monkeypatch.delenv("PHI3V_NATIVE")
         w8a8_native.reset_for_tests()

@@ -1,7 +1,9 @@
-"""The W8A8 activation quantizer in C (w8a8_rows.c): built with the system compiler, called via ctypes.
+"""The W8A8 activation quantizer and output scaling in C (w8a8_rows.c): built with the system
+compiler, called via ctypes.
 
 Why: the per-token quantization in torch takes five passes with temporaries and costs as much as
 the int8 GEMM itself on CLIP's small layers; the C loop reads each row once while it is in cache.
+The epilogue (y * sx per row + bias) is one pass in C where torch needs two.
 Built like phi3v.kernels.native (same compiler, cache folder and PHI3V_NATIVE=0 switch; flags from
 /proc/cpuinfo: AVX-512 or AVX2 or none), the first time a W8A8 model loads (`prepare()`), cached
 under $PHI3V_CACHE_DIR/native keyed by the source, flags and compiler.  Anything that fails ->
@@ -27,7 +29,8 @@ _SOURCE = Path(__file__).with_name("w8a8_rows.c")
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
 _ISA_FLAGS = (({"avx512f", "avx512bw"}, ["-mavx512f", "-mavx512bw"]), ({"avx2", "fma"}, ["-mavx2"]))
 _lock = threading.Lock()
-_fn = None
+_fn = None  # phi3v_w8a8_quantize_rows
+_scale_fn = None  # phi3v_w8a8_scale_rows
 _tried = False
 
 
@@ -67,7 +70,7 @@ def _build() -> Path:
 
 
 def _load():
-    global _fn, _tried
+    global _fn, _scale_fn, _tried
     if _tried:
         return _fn
     with _lock:
@@ -76,10 +79,11 @@ def _load():
             if not why:
                 try:
                     lib = ctypes.CDLL(str(_build()))
-                    fn = lib.phi3v_w8a8_quantize_rows
-                    p, i64 = ctypes.c_void_p, ctypes.c_int64
-                    fn.argtypes, fn.restype = [p, ctypes.c_int, p, p, i64, i64, ctypes.c_int], ctypes.c_int
-                    _fn = fn
+                    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+                    fn, scale = lib.phi3v_w8a8_quantize_rows, lib.phi3v_w8a8_scale_rows
+                    fn.argtypes, fn.restype = [p, i32, p, p, i64, i64, i32], i32
+                    scale.argtypes, scale.restype = [p, i32, p, p, i64, i64, i32], i32
+                    _fn, _scale_fn = fn, scale
                 except Exception as err:  # noqa: BLE001 - any build/load problem means "use torch"
                     warnings.warn(f"W8A8 activation quantizer not built ({err}); using torch", RuntimeWarning,
                                   stacklevel=3)
@@ -88,9 +92,9 @@ def _load():
 
 
 def reset_for_tests() -> None:
-    global _fn, _tried
+    global _fn, _scale_fn, _tried
     with _lock:
-        _fn, _tried = None, False
+        _fn, _scale_fn, _tried = None, None, False
 
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -108,3 +112,20 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     rc = fn(x2.data_ptr(), int(x2.dtype == torch.bfloat16), q.data_ptr(), sx.data_ptr(), M, K,
             torch.get_num_threads())
     return (q, sx) if rc == 0 else None
+
+
+def scale_rows(y: torch.Tensor, sx: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """In place: y (M, N) = y * sx (M, 1) (+ bias (N,)), in fp32 and rounded once to y's dtype.
+    True when done; False when the C code is not available or does not take the input (the
+    caller then does it in torch)."""
+    if (_load() is None or y.device.type != "cpu" or y.dtype not in (torch.bfloat16, torch.float32)
+            or y.dim() != 2 or not y.is_contiguous() or sx.dtype != torch.float32 or not sx.is_contiguous()
+            or sx.numel() != y.shape[0]):
+        return False
+    if bias is not None:
+        bias = bias.to(y.dtype).contiguous()
+        if bias.numel() != y.shape[1]:
+            return False
+    rc = _scale_fn(y.data_ptr(), int(y.dtype == torch.bfloat16), sx.data_ptr(),
+                   None if bias is None else bias.data_ptr(), y.shape[0], y.shape[1], torch.get_num_threads())
+    return rc == 0

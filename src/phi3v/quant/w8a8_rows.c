@@ -75,3 +75,38 @@ int phi3v_w8a8_quantize_rows(const void *x, int x_is_bf16, uint8_t *q, float *sc
     }
     return 0;
 }
+
+static inline uint16_t f32_to_bf16_bits(float v) { /* round to nearest even, finite v */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* The W8A8 epilogue, in place: y[m, n] = y[m, n] * s[m] (+ bias[n]), computed in fp32 and
+   rounded once to y's dtype.  y (M, N) and bias (N,) are both bf16 or both fp32; bias may be NULL.
+   One pass at memory speed, where torch needs a broadcast multiply (and an addcmul for the bias). */
+int phi3v_w8a8_scale_rows(void *y, int y_is_bf16, const float *scales, const void *bias, int64_t M, int64_t N,
+                          int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float s = scales[m];
+        if (y_is_bf16) {
+            uint16_t *r = (uint16_t *)y + m * N;
+            const uint16_t *b = (const uint16_t *)bias;
+            if (b)
+                for (int64_t n = 0; n < N; n++)
+                    r[n] = f32_to_bf16_bits(bf16_bits_to_f32(r[n]) * s + bf16_bits_to_f32(b[n]));
+            else
+                for (int64_t n = 0; n < N; n++) r[n] = f32_to_bf16_bits(bf16_bits_to_f32(r[n]) * s);
+        } else {
+            float *r = (float *)y + m * N;
+            const float *b = (const float *)bias;
+            if (b)
+                for (int64_t n = 0; n < N; n++) r[n] = r[n] * s + b[n];
+            else
+                for (int64_t n = 0; n < N; n++) r[n] = r[n] * s;
+        }
+    }
+    return 0;
+}
