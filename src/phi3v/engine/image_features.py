@@ -27,6 +27,8 @@ class ImageFeatures:
         """cache_mb: byte budget of both caches (0 = off): 1/4 pixels, 3/4 features. low_memory:
         after each encoding on the CPU, page the vision tower's mapped weights out (page_out)."""
         self.module, self.preprocessor, self.low_memory = module, preprocessor, bool(low_memory)
+        if self.low_memory:  # oneDNN packs of the CLIP layers are anonymous memory page_out cannot free
+            module.model.vision_embed_tokens.img_processor.vision_model.packed_weights = False
         self.pixel_cache, self.feature_cache = ImageFeatureCache(0), ImageFeatureCache(0)
         self.set_cache_bytes(int(cache_mb * 2**20))
 

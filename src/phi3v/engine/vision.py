@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.page_out import page_out
+from . import clip_packed
 from .config import Phi3VConfig, VisionConfig
 
 # Checkpoint tensors the vision side never uses; the loader skips them (see unused_vision_keys).
@@ -87,7 +89,13 @@ class ClipLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = ClipMLP(cfg)
 
+    # The oneDNN pack of this layer's products (clip_packed.PackedLayer; ClipVisionModel.pack sets it),
+    # a plain attribute: not a parameter or buffer, so checkpoints and state_dict never see it.
+    packed = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and not torch.is_grad_enabled():
+            return self.packed(self, x)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
@@ -105,9 +113,48 @@ class ClipVisionModel(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic, checkpoint name
         self.encoder = ClipEncoder(cfg)
 
+    # Run the layers on oneDNN pre-packed weights (clip_packed.py) when the tower is bf16 on the CPU;
+    # the pack is made at the first encoding (or by pack()). False: the plain nn.Linear path.
+    packed_weights: bool = True
+
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, 336, 336) -> the first layer's input (N, 577, C)."""
+        self._pack_if_useful()
         return self.pre_layrnorm(self.embeddings(pixels))
+
+    def _pack_if_useful(self) -> None:
+        layers = self.encoder.layers
+        if not layers or layers[0].packed is not None or getattr(self, "_pack_tried", False):
+            return
+        self._pack_tried = True
+        weight = self.pre_layrnorm.weight
+        if (self.packed_weights and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and clip_packed.enabled_by_env()):
+            self.pack()
+
+    def pack(self) -> bool:
+        """Pack every layer's products for oneDNN (any float dtype; a copy of ~the layers' weights:
+        the originals, when memory-mapped, are handed back to the OS) -> whether it was done
+        (False: no oneDNN ops in this torch, or quantized / non-CPU layers)."""
+        if not clip_packed.available():
+            return False
+        tokens = self.embeddings.position_embedding.weight.shape[0] * DEFAULT_VISION_CHUNK
+        packs = [clip_packed.PackedLayer.of(layer, tokens) for layer in self.encoder.layers]
+        if any(p is None for p in packs):
+            return False
+        for layer, p in zip(self.encoder.layers, packs):
+            layer.packed = p
+        # The packs are what runs now: the products' weights go back to the OS (file-backed pages only).
+        page_out(m.weight for layer in self.encoder.layers
+                 for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.self_attn.out_proj, layer.mlp.fc1, layer.mlp.fc2))
+        return True
+
+    def unpack(self) -> None:
+        """Back to the plain nn.Linear path (and no automatic pack later)."""
+        self._pack_tried = True
+        for layer in self.encoder.layers:
+            layer.packed = None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, 336, 336) -> patch features (N, 576, C) of the feature layer, CLS dropped."""

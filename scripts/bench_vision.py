@@ -1,0 +1,115 @@
+"""The CLIP tower alone on full-size random bf16 weights: median seconds for 1 / 5 / 17 crops, the
+plain nn.Linear path against the oneDNN-packed one (engine/clip_packed.py) in the same run.
+
+    python scripts/bench_vision.py                      # both paths, 1/5/17 crops, 3 repeats
+    python scripts/bench_vision.py --crops 1,5 --repeats 5 --paths packed
+    python scripts/bench_vision.py --compile            # adds torch.compile (inductor) of the plain tower
+    python scripts/bench_vision.py --profile 1          # torch.profiler table by op for 1 crop, per path
+
+Weights: phi3v.testing.full_size_config("phi35v") built in memory (23 of 24 CLIP layers, ~0.6 GB bf16),
+normal(0, 0.02); no checkpoint. Crops go through in one call, as the benchmark's vision_Ncrops_s does.
+The load average is printed before and after: on a shared machine compare paths within one run.
+For a CPU without AMX on one that has it: ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from phi3v.engine.config import Phi3VConfig
+from phi3v.engine.vision import ClipVisionModel
+from phi3v.testing import full_size_config
+
+
+def build_tower() -> ClipVisionModel:
+    cfg = Phi3VConfig.from_dicts(full_size_config("phi35v"))
+    with torch.device("meta"):
+        tower = ClipVisionModel(cfg.vision)
+    tower = tower.to_empty(device="cpu").to(torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return tower
+
+
+def set_path(tower: ClipVisionModel, path: str):
+    """path: plain | packed | compile -> the callable to time."""
+    tower.unpack()
+    if path == "packed":
+        if not tower.pack():
+            raise SystemExit("this torch has no oneDNN packed linear (torch.ops.mkldnn._linear_pointwise)")
+        return tower
+    if path == "compile":
+        return torch.compile(tower)
+    return tower
+
+
+def time_it(fn, pixels: torch.Tensor, repeats: int) -> list[float]:
+    times = []
+    with torch.inference_mode():
+        fn(pixels)  # warm-up: oneDNN kernel generation, compile
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(pixels)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def profile(fn, pixels: torch.Tensor, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.inference_mode():
+        fn(pixels)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(pixels)
+    print(f"--- {label}: {pixels.shape[0]} crop(s), by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--crops", default="1,5,17", help="comma-separated crop counts (default 1,5,17)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paths", default="plain,packed", help="plain, packed, compile (comma-separated)")
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile path")
+    ap.add_argument("--profile", type=int, default=0, metavar="CROPS", help="print a profile table instead")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = [p for p in args.paths.split(",") if p] + (["compile"] if args.compile else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}, load average {os.getloadavg()}")
+    tower = build_tower()
+    gen = torch.Generator().manual_seed(1)
+    if args.profile:
+        pixels = torch.randn(args.profile, 3, 336, 336, generator=gen).to(torch.bfloat16)
+        for path in paths:
+            profile(set_path(tower, path), pixels, path)
+        print(f"load average {os.getloadavg()}")
+        return
+    rows = []
+    for n in (int(c) for c in args.crops.split(",")):
+        pixels = torch.randn(n, 3, 336, 336, generator=gen).to(torch.bfloat16)
+        medians = {}
+        for path in paths:
+            times = time_it(set_path(tower, path), pixels, args.repeats)
+            medians[path] = statistics.median(times)
+            print(f"{n:>3} crops  {path:<8} median {medians[path]:.3f} s  "
+                  f"(min {min(times):.3f}, max {max(times):.3f})", flush=True)
+        rows.append((n, medians))
+    print(f"load average {os.getloadavg()}")
+    if "plain" in paths:
+        for n, medians in rows:
+            gains = ", ".join(f"{p} {medians['plain'] / s:.2f}x" for p, s in medians.items() if p != "plain")
+            print(f"{n:>3} crops: speed-up over plain: {gains}")
+
+
+if __name__ == "__main__":
+    main()
