@@ -28,7 +28,10 @@ def isa(request, monkeypatch):
         native.reset_for_tests()
         monkeypatch.delenv("PHI3V_NATIVE_ISA")
         pytest.skip(f"{request.param}: {native.why_unavailable() or 'not available here'}")
-    assert native.isa() == request.param
+    if native.isa() != request.param:  # avx512amx where Linux refuses the tile state: avx512bf16 runs
+        native.reset_for_tests()
+        monkeypatch.delenv("PHI3V_NATIVE_ISA")
+        pytest.skip(f"{request.param}: fell back to {native.isa()}")
     yield request.param
     monkeypatch.delenv("PHI3V_NATIVE_ISA")
     native.reset_for_tests()
@@ -94,6 +97,58 @@ def test_gemv_int4_matches_float64(rows, group, isa):
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [2, 7, 9, 16, 17, 40, 64])  # AMX tiles: 16 inputs per tile, a partial last one
+@pytest.mark.parametrize("group", [64, 192])
+def test_gemv_int4_many_rows_matches_float64(rows, group, isa):
+    """The AMX build takes 2-64 rows (int4_amx.h); the others take 1-8 and return None beyond."""
+    g = torch.Generator().manual_seed(40 + rows + group)
+    N, K = 45, 576  # N not a multiple of the 16-row weight blocks; K/G = 9 or 3 groups
+    q, s, z = quantize_int4(torch.randn(N, K, generator=g), group)
+    w = dequantize_int4(q, s, z)
+    x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
+    got = native.gemv_int4(q, s, z, x, group)
+    if rows > native.int4_max_rows():
+        assert got is None and isa != "avx512amx"
+        return
+    assert got.shape == (rows, N) and got.dtype == torch.bfloat16
+    _check(got, x, w)
+    got32 = native.gemv_int4(q, s, z, x.float(), group)
+    assert got32.dtype == torch.float32
+    want = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    assert bool(((got32.double() - want).abs() <= 1e-4 * scale).all())
+
+
+def test_amx_build_is_chosen_only_where_the_cpu_has_it(monkeypatch):
+    """avx512amx needs the AMX flags in /proc/cpuinfo; without them the AVX-512 BF16 build is chosen."""
+    avx512 = native.ISAS["avx512bf16"][2]
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(avx512))
+    assert native._choose_isa() == ("avx512bf16", "")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: set(avx512) | {"amx_tile", "amx_bf16"})
+    assert native._choose_isa() == ("avx512amx", "")
+
+
+def test_amx_build_failure_falls_back_to_avx512bf16(monkeypatch, tmp_path):
+    """A compiler that rejects the AMX flags costs the AMX kernel only, silently."""
+    if native._choose_isa()[0] != "avx512amx":
+        pytest.skip("this CPU has no AMX tiles")
+    source, flags, cpu = native.ISAS["avx512amx"]
+    monkeypatch.setitem(native.ISAS, "avx512amx", (source, flags + ["-mno-such-flag"], cpu))
+    monkeypatch.setenv("PHI3V_CACHE_DIR", str(tmp_path))
+    native.reset_for_tests()
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.available()
+        assert native.isa() == "avx512bf16" and native.int4_max_rows() == native.MAX_ROWS
+    finally:
+        monkeypatch.undo()
+        native.reset_for_tests()
+
+
+@needs_native
 @pytest.mark.parametrize("length", [1, 17, 300])
 @pytest.mark.parametrize("head_dim", [96, 16, 40])  # Phi-3's, the tiny models', one with a tail
 def test_decode_attention_matches_float64(length, head_dim, isa):
@@ -148,7 +203,7 @@ def test_shapes_the_kernels_do_not_take_return_none(isa):
     q, s, z = quantize_int4(torch.randn(8, 64), 32)
     q8, s8, z8 = quantize_int4(torch.randn(8, 64), 8)
     assert native.gemv_int4(q8, s8, z8, torch.randn(1, 64), 8) is None  # group 8: no build takes it
-    if isa == "avx512bf16":  # 32 bf16 / 64 nibbles per step
+    if isa.startswith("avx512"):  # 32 bf16 / 64 nibbles per step
         assert native.gemv_bf16(w48, x48) is None
         assert native.gemv_int4(q, s, z, torch.randn(1, 64), 32) is None
         assert not native.int4_group_ok(32) and native.int4_group_ok(128)
@@ -173,7 +228,7 @@ def test_decode_linear_equals_f_linear(rows, isa):
 
 @needs_native
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 8, 300])  # native kernel, native kernel, dequantize + GEMM
+@pytest.mark.parametrize("rows", [1, 8, 40, 300])  # native, native, native with AMX, dequantize + GEMM
 def test_quantized_layers_use_native_kernels(scheme, rows, isa):
     lin = torch.nn.Linear(256, 192, bias=False)
     layer = quantize_linear(lin, QuantConfig.parse(scheme))

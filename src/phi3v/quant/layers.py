@@ -20,6 +20,7 @@ _weight_int4pack_mm layout.  `portable()` gives the checkpoint form back.
 Kernels (activations (M, K)):
   CPU, native (phi3v.kernels.native, AVX-512 BF16 or AVX2), M <= native.MAX_ROWS: gemv_int8 (fp32
              activations) and gemv_int4 (bf16 activations); these stream the weight at memory speed
+             (int4 with AMX tiles: M <= native.int4_max_rows() = 64, the same numerics)
   int8 CPU   else torch._weight_int8pack_mm with bf16 activations (its fp32 path is a slow scalar
              loop, so fp32 inputs are rounded to bf16 for the kernel and the result cast back)
   int4 CPU   else torch.ops.aten._weight_int4pack_mm_for_cpu (bf16)
@@ -402,8 +403,9 @@ class WeightOnlyInt4Linear(nn.Module):
         return y.view(*shape, self.out_features)
 
     def _native_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, K) -> (M, N) in x2's dtype: the streaming kernel for few rows, else dequantize + GEMM."""
-        if x2.shape[0] <= native.MAX_ROWS:
+        """(M, K) -> (M, N) in x2's dtype: the native kernel for few rows (1-8; 1-64 where AMX tiles
+        take 2-64 rows), else dequantize + GEMM."""
+        if x2.shape[0] <= native.int4_max_rows():
             return ops.gemv_int4(self.qweight, self.scales, self.zeros, x2, self.group_size)  # phi3v::gemv_int4
         w = native.dequant_int4_bf16(self.qweight, self.scales, self.zeros, self.group_size)
         if w is None:

@@ -4,10 +4,12 @@ Why: one-token decode is bound by memory bandwidth, and torch's CPU paths for a 
 product (oneDNN bf16 GEMM, the int8/int4 weight-only kernels) leave a large part of it unused on
 AVX-512 CPUs without AMX.  These kernels stream each weight row once (see kernels.c).
 
-Two builds of the same entry points, chosen from `/proc/cpuinfo`: kernels_avx512.c (AVX-512 BF16:
+Builds of the same entry points, chosen from `/proc/cpuinfo`: kernels_avx512.c (AVX-512 BF16:
 VDPBF16PS dot products, e.g. Zen 4, Sapphire Rapids) and kernels_avx2.c (AVX2 + FMA, float32
-arithmetic: most laptop CPUs).  PHI3V_NATIVE_ISA=avx2|avx512bf16 forces one (tests use it to run
-the AVX2 build on an AVX-512 machine).  They need x86-64 Linux, a C compiler (`$CC` or cc) and
+arithmetic: most laptop CPUs); where the CPU has AMX tiles (amx_tile, amx_bf16) the AVX-512 build
+adds int4 x 2-64 rows on them ("avx512amx", int4_amx.h; if the compiler or Linux refuses AMX the
+plain avx512bf16 build is used, silently).  PHI3V_NATIVE_ISA=avx2|avx512bf16|avx512amx forces one
+(tests use it to run the AVX2 build on an AVX-512 machine).  They need x86-64 Linux, a C compiler (`$CC` or cc) and
 PHI3V_NATIVE unset or not "0".  Anything else -> `available()` is False and the callers keep their
 torch paths; a failed build is reported once as a warning, never an error.  The library is cached
 under $PHI3V_CACHE_DIR or ~/.cache/phi3v/native, keyed by the sources, the flags and the compiler
@@ -26,7 +28,8 @@ take the input (the caller then uses torch):
   gemv_int4(qweight (N, K/2) uint8, scales, zeros (N, K/G) bf16, x (M, K), G) -> (M, N)
   dequant_int4_bf16(...), dequant_int8_bf16(...)              -> (N, K) bf16 (a reused buffer)
   decode_attention(q (B, H, 1, D), k_buf, v_buf (B, KVH, cap, D), length) -> (B, H, 1, D), all bf16
-M is at most MAX_ROWS (8); results come back in x's dtype (bf16 or fp32).
+M is at most MAX_ROWS (8), for gemv_int4 int4_max_rows() (64 with the avx512amx build: 2-64 rows on AMX
+tiles, int4_amx.h); results come back in x's dtype (bf16 or fp32).
 """
 
 from __future__ import annotations
@@ -46,12 +49,21 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 8
+# int4 on AMX tiles (the avx512amx build): from AMX_MIN_ROWS to AMX_MAX_ROWS input rows; one row
+# stays on the streaming AVX-512 kernel (a single weight stream per thread is fastest there)
+AMX_MIN_ROWS = 2
+AMX_MAX_ROWS = 64
 _HERE = Path(__file__).parent
 _COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
 # name -> (source, compiler flags, /proc/cpuinfo flags it needs), best first
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+_AVX512_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
 ISAS = {
-    "avx512bf16": ("kernels_avx512.c", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"],
-                   {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}),
+    # the AVX-512 BF16 build plus int4 x 2-64 rows on AMX tiles (int4_amx.h); falls back to
+    # avx512bf16 when the compiler lacks -mamx-* or Linux refuses the tile state
+    "avx512amx": ("kernels_avx512.c", _AVX512_FLAGS + ["-mamx-tile", "-mamx-bf16", "-DPHI3V_AMX=1"],
+                  _AVX512_CPU | {"amx_tile", "amx_bf16"}),
+    "avx512bf16": ("kernels_avx512.c", _AVX512_FLAGS, _AVX512_CPU),
     "avx2": ("kernels_avx2.c", ["-mavx2", "-mfma"], {"avx2", "fma"}),
 }
 
@@ -88,7 +100,7 @@ def isa() -> str:
 def int4_group_ok(group_size: int) -> bool:
     """Whether the int4 kernel of the build in use takes this group size (a multiple of the
     inputs one step unpacks: 64 for AVX-512 BF16, 16 for AVX2)."""
-    return available() and group_size % (64 if _isa == "avx512bf16" else 16) == 0
+    return available() and group_size % (64 if _isa.startswith("avx512") else 16) == 0
 
 
 def _cpu_flags() -> set[str]:
@@ -128,7 +140,7 @@ def _build(name: str) -> Path:
     source, flags, _ = ISAS[name]
     flags = _COMMON_FLAGS + flags
     cc = _compiler()
-    text = b"".join((_HERE / f).read_bytes() for f in (source, "common.h", "attention_driver.h"))
+    text = b"".join((_HERE / f).read_bytes() for f in (source, "common.h", "attention_driver.h", "int4_amx.h"))
     key = hashlib.sha256(text + " ".join(flags).encode() + _compiler_identity(cc).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{name}-{key}.so"
     if target.exists():
@@ -164,6 +176,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes, fn.restype = args, ctypes.c_int
 
 
+def _declare_amx(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.phi3v_amx_init.argtypes, lib.phi3v_amx_init.restype = [], ctypes.c_int
+    fn = lib.phi3v_gemv_int4_amx
+    fn.argtypes, fn.restype = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32], ctypes.c_int
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _isa, _tried, _why_not
     if _tried:
@@ -172,6 +191,16 @@ def _load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         name, _why_not = _choose_isa()
+        if name == "avx512amx":  # optional extra: any problem -> the plain AVX-512 BF16 build
+            try:
+                lib = ctypes.CDLL(str(_build(name)))
+                _declare(lib)
+                _declare_amx(lib)
+                if lib.phi3v_amx_init() == 0:
+                    _lib, _isa = lib, name
+            except Exception:  # noqa: BLE001 - e.g. a compiler without -mamx-tile
+                pass
+            name = "" if _lib is not None else "avx512bf16"
         if name:
             try:
                 lib = ctypes.CDLL(str(_build(name)))
@@ -224,8 +253,8 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _rows_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype in (
+def _rows_ok(x: torch.Tensor, most: int = MAX_ROWS) -> bool:
+    return x.device.type == "cpu" and x.dim() == 2 and 1 <= x.shape[0] <= most and x.dtype in (
         torch.bfloat16, torch.float32)
 
 
@@ -237,7 +266,7 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
 def _bf16_activations(x: torch.Tensor) -> torch.Tensor:
     """x rounded to bf16, in the dtype the build reads (bf16 for AVX-512 BF16, float32 for AVX2)."""
     xb = x.to(torch.bfloat16)
-    return (xb if _isa == "avx512bf16" else xb.float()).contiguous()
+    return (xb if _isa.startswith("avx512") else xb.float()).contiguous()
 
 
 def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -268,8 +297,12 @@ def gemv_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
               group_size: int) -> torch.Tensor | None:
     """qweight (N, K/2) portable nibbles; scales, zeros bf16 (N, K/G) contiguous."""
     lib = _load()
-    block = 64 if _isa == "avx512bf16" else 16  # inputs whose nibbles one step unpacks
-    if lib is None or not _rows_ok(x) or group_size % block:
+    block = 64 if _isa.startswith("avx512") else 16  # inputs whose nibbles one step unpacks
+    if lib is None or group_size % block:
+        return None
+    if _isa == "avx512amx" and AMX_MIN_ROWS <= x.shape[0] <= AMX_MAX_ROWS and _rows_ok(x, AMX_MAX_ROWS):
+        return _gemv_int4_amx(lib, qweight, scales, zeros, x, group_size)
+    if not _rows_ok(x):
         return None
     N, K = qweight.shape[0], qweight.shape[1] * 2
     M = x.shape[0]
@@ -281,6 +314,28 @@ def gemv_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     rc = lib.phi3v_gemv_int4(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(xp), _ptr(xs), _ptr(y), M, N, K,
                              group_size, y_bf16, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def _gemv_int4_amx(lib: ctypes.CDLL, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   x: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """gemv_int4 for 2-64 rows on AMX tiles (int4_amx.h): same inputs, same numerics."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    M = x.shape[0]
+    xb = x.to(torch.bfloat16)
+    # Per 64 inputs [32 evens | 32 odds] (the two A-tile rows one 32-byte load unpacks to), then
+    # tile B's pair layout: (K/2, M, 2)
+    xp = xb.reshape(M, K // 64, 32, 2).transpose(2, 3)
+    xt = xp.reshape(M, K // 2, 2).transpose(0, 1).contiguous()
+    xs = xb.float().reshape(M, K // group_size, group_size).sum(-1).t().contiguous()  # (K/G, M)
+    y, y_bf16 = _out(x, N)
+    rc = lib.phi3v_gemv_int4_amx(_ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(xt), _ptr(xs), _ptr(y), M, N, K,
+                                 group_size, y_bf16, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def int4_max_rows() -> int:
+    """Most input rows gemv_int4 takes with the build in use (64 with AMX tiles, else MAX_ROWS)."""
+    return AMX_MAX_ROWS if isa() == "avx512amx" else MAX_ROWS
 
 
 _scratch = threading.local()

@@ -363,4 +363,8 @@ static inline __attribute__((always_inline)) void attend_one_head(const uint16_t
 
 #include "attention_driver.h"
 
+#ifdef PHI3V_AMX
+#include "int4_amx.h" /* int4 x 2-64 rows on AMX tiles (the avx512amx build) */
+#endif
+
 int phi3v_isa(void) { return 512; }
