@@ -3,6 +3,7 @@
     .venv/bin/python scripts/w8a8_error.py                       # the tiny golden model(s) in tests/golden
     .venv/bin/python scripts/w8a8_error.py --keep first,last     # W8A8 with sensitive layers left float
     .venv/bin/python scripts/w8a8_error.py --medium              # also a random 8-layer Phi-3.5-vision-style model
+    .venv/bin/python scripts/w8a8_error.py --greedy 20           # + greedy agreement on `phi3v eval`'s sample set
     .venv/bin/python scripts/w8a8_error.py --model DIR           # also a full-size checkpoint (e.g. the random
                                                                  # one `phi3v bench` writes: ~16 GiB for fp32)
 
@@ -12,6 +13,10 @@ compared with the float32 model's:
   rel    max |logits - fp32| / max |fp32|        (the measure tests/test_quantize.py bounds)
   rms    rms(logits - fp32) / rms(fp32)
   top1   share of positions whose argmax equals fp32's
+With --greedy N, the first N records of the `phi3v eval` sample set (phi3v.eval.sample: charts,
+documents, shapes; num_crops 4) are answered greedily (16 tokens) by fp32 and every scheme:
+  same   share of answers whose tokens equal fp32's exactly
+  prefix mean share of the 16 tokens before the first one that differs from fp32's
 Schemes run in bf16 (what a user loads); `--keep` takes quant.w8a8_layer.FLOAT_RULES names and
 adds rows "w8a8+RULES".  Random weights make top-1 margins small, so agreement here is a lower
 bound of what trained weights give.
@@ -60,15 +65,43 @@ def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
             "top1": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
-def measure(folder: Path, schemes: list[tuple[str, str, tuple[str, ...]]], text_tokens: int) -> None:
+def sample_records(count: int) -> list:
+    """The first `count` records of the `phi3v eval` sample set, written to a temporary folder."""
+    import tempfile
+
+    from phi3v.eval.records import read_native
+    from phi3v.eval.sample import make_sample
+
+    return read_native(make_sample(Path(tempfile.mkdtemp()) / "sample"))[:count]
+
+
+def greedy_answers(model, records, tokens: int = 16) -> list[list[int]]:
+    return [model.ask(r.question, images=list(r.sources), max_new_tokens=tokens, num_crops=4).token_ids
+            for r in records]
+
+
+def agreement(got: list[list[int]], ref: list[list[int]]) -> tuple[float, float]:
+    """(share of answers equal to ref's, mean share of tokens before the first difference)."""
+    same = sum(g == r for g, r in zip(got, ref)) / len(ref)
+    prefix = 0.0
+    for g, r in zip(got, ref):
+        n = next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), min(len(g), len(r)))
+        prefix += n / max(len(r), 1)
+    return same, prefix / len(ref)
+
+
+def measure(folder: Path, schemes: list[tuple[str, str, tuple[str, ...]]], text_tokens: int,
+            records: list | None = None) -> None:
     start = time.perf_counter()
     ref_model = phi3v.load(str(folder), device="cpu", dtype="float32", progress=False)
     cases = prompts(ref_model, text_tokens)
     refs = {name: logits_of(ref_model, case) for name, case in cases.items()}
+    ref_answers = greedy_answers(ref_model, records) if records else None
     del ref_model
     print(f"\n{folder.name}: positions " + ", ".join(f"{n} {r.shape[0]}" for n, r in refs.items())
           + f" (fp32 reference {time.perf_counter() - start:.0f}s)")
-    print(f"{'scheme':<22}" + "".join(f"{n + ' rel':>11}{n + ' rms':>11}{n + ' top1':>12}" for n in refs))
+    print(f"{'scheme':<22}" + "".join(f"{n + ' rel':>11}{n + ' rms':>11}{n + ' top1':>12}" for n in refs)
+          + (f"{'greedy same':>13}{'prefix':>8}  ({len(records)} sample records)" if records else ""))
     for label, scheme, keep in schemes:
         if keep:
             scheme = QuantConfig("w8a8", vision=True, keep_float=keep)
@@ -77,6 +110,9 @@ def measure(folder: Path, schemes: list[tuple[str, str, tuple[str, ...]]], text_
         for name, case in cases.items():
             m = compare(logits_of(model, case), refs[name])
             row += f"{m['rel']:>11.4f}{m['rms']:>11.4f}{m['top1']:>12.3f}"
+        if records:
+            same, prefix = agreement(greedy_answers(model, records), ref_answers)
+            row += f"{same:>13.3f}{prefix:>8.3f}"
         print(row, flush=True)
         del model
 
@@ -87,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="append", default=[],
                    help=f"comma-separated rules from {', '.join(w8a8_layer.FLOAT_RULES)} (repeatable)")
     p.add_argument("--text-tokens", type=int, default=160)
+    p.add_argument("--greedy", type=int, default=0, metavar="N",
+                   help="also greedy agreement on the first N records of the phi3v eval sample set")
     p.add_argument("--no-golden", action="store_true", help="skip the tiny golden models")
     p.add_argument("--medium", action="store_true",
                    help="also a random medium checkpoint (8 decoder layers of 512, 4 CLIP layers of 256)")
@@ -114,8 +152,9 @@ def main(argv=None) -> int:
                                             hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
                                             vision_hidden=256, vision_layers=4, vision_heads=4,
                                             vision_intermediate=1024, num_crops=4))
+    records = sample_records(args.greedy) if args.greedy > 0 else None
     for folder in folders:
-        measure(folder, schemes, args.text_tokens)
+        measure(folder, schemes, args.text_tokens, records)
     return 0
 
 

@@ -5,7 +5,9 @@
 
 Shapes: CLIP-L layers at one crop (577 rows) and Phi-3 decoder layers at a 512-token prefill.
 Columns (median ms, and bf16 time / that time):
-  bf16        F.linear on bf16 (oneDNN; AMX-BF16 where present)
+  bf16        F.linear on bf16 (oneDNN; AMX-BF16 where present; reorders the weight every call)
+  bf16 packed torch.ops.mkldnn._linear_pointwise on a weight packed once (what engine/clip_packed.py
+              does for the bf16 vision tower): the fair bf16 baseline where that path runs
   onednn      torch.ops.onednn.qlinear_pointwise, u8 activations (zero point 128), prepacked weight
   int_mm      torch._int_mm (s8 x s8 -> s32)
   quantize    the per-token activation quantization (quant.w8a8_kernel.quantize_rows) alone
@@ -63,6 +65,10 @@ def main(argv=None) -> int:
         s8 = (u8.to(torch.int16) - 128).to(torch.int8)
         packed = pack_weight(qw, sw)
         t = {"bf16": median_ms(lambda: F.linear(x, wb), args.repeats)}
+        if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            wp = torch.ops.mkldnn._reorder_linear_weight(wb, M)
+            t["bf16 packed"] = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""),
+                                         args.repeats)
         if packed.kernel == "onednn":
             t["onednn"] = median_ms(lambda: torch.ops.onednn.qlinear_pointwise(
                 u8, 1.0, 128, packed.packed, packed.scales, packed.zero_points, None, 1.0, 0, torch.bfloat16,
@@ -71,7 +77,9 @@ def main(argv=None) -> int:
         t["quantize"] = median_ms(lambda: quantize_rows(x), args.repeats)
         t["w8a8 layer"] = median_ms(lambda: linear_w8a8(x, packed), args.repeats)
         base = t["bf16"]
-        print(f"{name:<28}" + " | ".join(f"{k} {v:.2f} ms ({base / v:.2f}x)" for k, v in t.items()), flush=True)
+        vs_packed = f" | w8a8 layer vs bf16 packed {t['bf16 packed'] / t['w8a8 layer']:.2f}x" if "bf16 packed" in t else ""
+        print(f"{name:<28}" + " | ".join(f"{k} {v:.2f} ms ({base / v:.2f}x)" for k, v in t.items()) + vs_packed,
+              flush=True)
     return 0
 
 

@@ -23,11 +23,11 @@ Kernels, best first (`choose_kernel()`; PHI3V_W8A8_KERNEL=onednn|int_mm|torch fo
 Activations are quantized by the C loop of quant.w8a8_native where it is built (one read per row;
 ~7x torch's five-pass version, identical bytes), else by quantize_rows_torch.
 
-Micro-benchmark (scripts/w8a8_kernels.py, 1 thread, load ~1 on the shared 2-core machine, rough;
+Micro-benchmark (scripts/w8a8_kernels.py, 1 thread, shared 2-core machine at load ~4.5: rough;
 CLIP-L layers at 577 rows, decoder layers at 512 rows), bf16 GEMM time / time:
-  this CPU (amx_int8 and amx_bf16: oneDNN uses AMX for both)   GEMM alone 1.8-2.5x, whole W8A8 layer
-                                                               (quantize + GEMM + scaling) 1.3-2.1x
-  AMX masked (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: VNNI vs     GEMM alone 6.1-8.6x, whole layer 5.3-6.8x
+  this CPU (amx_int8 and amx_bf16: oneDNN uses AMX for both)   GEMM alone 1.8-2.3x, whole W8A8 layer
+                                                               (quantize + GEMM + epilogue) 1.5-2.0x
+  AMX masked (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: VNNI vs     GEMM alone 6.2-9.9x, whole layer 4.6-8.2x
   AVX-512 BF16, as on a CPU without AMX)
   torch._int_mm 0.6-1.7x (AMX machine); fbgemm's quantized::linear_dynamic (per-tensor activation
   scale, deprecated quantized tensors) 0.2-1.1x in an earlier run: not used.
