@@ -131,6 +131,19 @@ def test_every_kernel_computes_the_scheme(kernel, dtype):
     assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_rows_result_does_not_depend_on_the_other_rows(kernel):
+    """Per-token scales and exact integer sums: a prefill chunk, the whole prompt, or a fused
+    decode + prefill pass give each row the same bits."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 128, generator=gen).to(torch.bfloat16)
+    q, s = quantize_int8(torch.randn(64, 128, generator=gen) * 0.05)
+    weight, bias = _packed(kernel, q, s), torch.randn(64, generator=gen).to(torch.bfloat16)
+    whole = linear_w8a8(x, weight, bias)
+    assert torch.equal(linear_w8a8(x[5:17], weight, bias), whole[5:17])
+    assert torch.equal(linear_w8a8(x[30:], weight, bias), whole[30:])
+
+
 def test_w8a8_product_is_close_to_the_float_product():
     gen = torch.Generator().manual_seed(2)
     x, w = torch.randn(64, 256, generator=gen), torch.randn(128, 256, generator=gen) * 0.05
