@@ -1,1 +1,2 @@
-"""Weight-only int8/int4 quantization: the quantized layers and quantized checkpoints."""
+"""Quantization: weight-only int8/int4 and W8A8 (w8a8_*: int8 activations for prefill and vision), the
+quantized layers and quantized checkpoints."""

@@ -29,6 +29,9 @@ Kernels (activations (M, K)):
 For prefill-sized inputs (M >= PREFILL_ROWS[scheme]) on CPU the weight is dequantized to bf16 once per
 call (natively in one pass when available) and multiplied with the bf16 GEMM (oneDNN), which beats
 the weight-only kernels there.
+
+"w8a8" stores what int8 stores; its layer (w8a8_layer.W8A8Linear) also quantizes the activations of
+calls with 9+ rows and multiplies int8 x int8 (w8a8_kernel.py).
 """
 
 from __future__ import annotations
