@@ -163,3 +163,16 @@ def test_low_memory_keeps_the_plain_path(tiny_model_dir):
     model.ask("What is it?", [image], max_new_tokens=1)
     clip = model.module.model.vision_embed_tokens.img_processor.vision_model
     assert clip.encoder.layers[0].packed is None
+
+
+def test_a_pack_of_another_dtype_is_not_used():
+    """model.to(dtype) after a pack: the layers run plain instead of feeding the old pack."""
+    model = tower(torch.bfloat16)
+    assert model.pack()
+    model.float()
+    x = pixels(1)
+    with torch.inference_mode():
+        got = model(x)
+        model.unpack()
+        want = model(x)
+    close(got, want, 1e-6)

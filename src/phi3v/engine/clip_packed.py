@@ -66,6 +66,10 @@ class PackedLayer:
             p.fc2, p.fc2_bias = _pack(mlp.fc2.weight, tokens), mlp.fc2.bias.detach()
         return p
 
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether x is what the pack was made for (the module may have moved or changed dtype since)."""
+        return x.device.type == "cpu" and x.dtype == self.qkv_bias.dtype
+
     def __call__(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x (N, T, C) -> the layer's output (N, T, C), as ClipLayer.forward computes it."""
         linear = torch.ops.mkldnn._linear_pointwise

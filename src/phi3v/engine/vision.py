@@ -94,7 +94,7 @@ class ClipLayer(nn.Module):
     packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled():
+        if self.packed is not None and not torch.is_grad_enabled() and self.packed.fits(x):
             return self.packed(self, x)
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
