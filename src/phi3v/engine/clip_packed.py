@@ -1,9 +1,9 @@
 """CLIP encoder layers on oneDNN pre-packed weights: the CPU fast path of vision.py's ClipLayer.
 
-Why: a plain bf16 `F.linear` on the CPU reorders its weight into oneDNN's blocked layout on every
-call (and on an AMX CPU picks a slow kernel for CLIP's shapes: ~100 GFLOP/s for 577x1024x1024
-against ~1,700 pre-packed); packing once and calling `mkldnn._linear_pointwise` skips that. Per
-layer the pack also:
+Why: a plain bf16 `F.linear` on the CPU hands oneDNN a plain (out, in) weight that it reorders into
+its blocked layout on every call; packing once and calling `mkldnn._linear_pointwise` skips that
+(AVX512-BF16 without AMX: a layer's four products 1.18x faster at 577 rows, 1.06x at 2,885;
+docs/performance.md). Per layer the pack also:
 - fuses q/k/v into one (3C, C) product (one GEMM instead of three; the checkpoint keeps its names,
   the module its q_proj/k_proj/v_proj parameters: the pack is a copy held beside them),
 - adds the residual inside out_proj's and fc2's products (oneDNN's binary post-op: no separate
