@@ -103,3 +103,32 @@ def test_temporaries_are_bounded_by_the_chunk(long_model, monkeypatch):
 def test_bad_chunk_sizes_are_refused(long_model):
     with pytest.raises(ValueError, match="chunk"):
         prefill_chunked(long_model, _embeds(long_model, 8), 0, long_model.new_cache(), chunk=0)
+
+
+def test_a_long_prompt_alone_is_prefilled_in_bounded_pieces(tiny_model, monkeypatch):
+    """DecodeLoop: a prompt part longer than ONE_PASS_MAX_TOKENS (1024; a video's prompt) goes
+    through the decoder in pieces of at most that many rows (bounded activation memory), and the
+    answer equals the one-pass prefill's (greedy, float32)."""
+    from phi3v.engine import generate
+
+    rng = torch.Generator().manual_seed(5)
+    image = (torch.rand(3, 200, 300, generator=rng) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    one_pass = tiny_model.ask("Describe it.", images=[picture], max_new_tokens=6, num_crops=4)
+    assert one_pass.usage.prompt_tokens > 300
+
+    rows_seen = []
+    layer0 = tiny_model.module.model.layers[0]
+    handle = layer0.register_forward_pre_hook(lambda mod, args: rows_seen.append(args[0].shape[1]))
+    monkeypatch.setattr(generate, "ONE_PASS_MAX_TOKENS", 128)
+    try:
+        tiny_model.clear_caches()
+        pieces = tiny_model.ask("Describe it.", images=[picture], max_new_tokens=6, num_crops=4)
+    finally:
+        handle.remove()
+    prompt = one_pass.usage.prompt_tokens
+    assert rows_seen[: -(-prompt // 128)] == [128] * (prompt // 128) + ([prompt % 128] if prompt % 128 else [])
+    assert max(rows_seen) <= 128
+    assert pieces.token_ids == one_pass.token_ids and pieces.text == one_pass.text

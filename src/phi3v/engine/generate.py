@@ -41,12 +41,19 @@ import torch
 from ..options import GenerationOptions
 from ..results import Completion, Timings, Usage
 from .decoder import KVCache, build_attention_mask
+from .chunked_prefill import prefill_chunked
 from .fused_step import Group
 from .constraints import ConstraintState
 from .model import Phi3VForCausalLM
 from .running_batch import RunningBatch
 from .sampling import Sampler
 from .text import TextAssembler
+
+
+# A prompt part longer than this goes through the decoder in pieces of this many tokens
+# (chunked_prefill: one pass over T tokens holds (T, 16384) MLP activations per layer at full size,
+# ~0.8 GiB at 24k tokens, a 32-frame video; 1024 rows keep the GEMMs as efficient as one pass).
+ONE_PASS_MAX_TOKENS = 1024
 
 
 @torch.inference_mode()
@@ -352,7 +359,11 @@ class DecodeLoop:
         t0 = time.perf_counter()
         self._prefill_setup(row)
         part, n, last = self._next_part(row, budget)
-        logits = prefill(self.model, part.embeds[0], row._prefilled, part.cache)  # (V,)
+        if n > ONE_PASS_MAX_TOKENS:  # a long prompt alone (a video's): bounded activations, same numerics
+            logits = prefill_chunked(self.model, part.embeds[0], row._prefilled, part.cache,
+                                     chunk=ONE_PASS_MAX_TOKENS, rope_len=row.prompt_ids.numel())
+        else:
+            logits = prefill(self.model, part.embeds[0], row._prefilled, part.cache)  # (V,)
         logits = logits if last else None
         self._part_done(row, n, last)
         row.timings.prefill_s += time.perf_counter() - t0
