@@ -132,3 +132,10 @@ def test_a_long_prompt_alone_is_prefilled_in_bounded_pieces(tiny_model, monkeypa
     assert rows_seen[: -(-prompt // 128)] == [128] * (prompt // 128) + ([prompt % 128] if prompt % 128 else [])
     assert max(rows_seen) <= 128
     assert pieces.token_ids == one_pass.token_ids and pieces.text == one_pass.text
+
+
+def test_the_memory_plan_knows_the_engines_prefill_piece():
+    """phi3v info's peak estimate assumes the engine's piece size (memory_plan keeps no engine import)."""
+    from phi3v.engine import generate, memory_plan
+
+    assert memory_plan.PREFILL_PIECE_TOKENS == generate.ONE_PASS_MAX_TOKENS

@@ -10,8 +10,9 @@ The phases of one request (each term is a tensor the engine holds then; activati
 from the layer widths, since temporaries depend on torch's kernels):
   vision   pixel_values of every image + the features made so far + one vision_chunk of CLIP
            activations (crops x 577 tokens x (6 x hidden + intermediate), the widest layer temporaries)
-  prefill  pixel_values + features + the prompt's embeddings and one layer's activations
-           (tokens x (3 x intermediate + 5 x hidden)) + the KV cache sized for the prompt
+  prefill  pixel_values + features + the prompt's embeddings and one layer's activations over at
+           most PREFILL_PIECE_TOKENS rows (rows x (3 x intermediate + 5 x hidden)) + the KV cache
+           sized for the prompt
   decode   pixel_values + features (the image caches keep them) + the KV cache at its last size
 """
 
@@ -24,6 +25,7 @@ from .decoder import KVCache
 from .image import CROP_SIZE
 
 PIXEL_BYTES = 4  # pixel_values are float32
+PREFILL_PIECE_TOKENS = 1024  # engine.generate.ONE_PASS_MAX_TOKENS: a longer prompt is prefilled in pieces
 
 
 def kv_cache_slots(prompt_tokens: int, new_tokens: int, max_len: int) -> int:
@@ -70,7 +72,8 @@ def plan_memory(facts, dtype, quantize: str | None, prompt_tokens: int, new_toke
                 image_tokens: int | None = None, prefill_chunk: int | None = None) -> MemoryPlan:
     """facts: engine.facts.ModelFacts. image_crops: crops CLIP encodes per image (global view +
     its sub-crops); num_crops: the pixel_values' crop slots per image (+1 for the global view);
-    prefill_chunk: prompt rows per decoder call when the prefill runs in chunks (None: one pass)."""
+    prefill_chunk: prompt rows per decoder call when the prefill runs in chunks (None: the
+    engine's own pieces of PREFILL_PIECE_TOKENS for a long prompt alone)."""
     from .devices import dtype_name, parse_dtype
 
     dt = parse_dtype(dtype)
@@ -87,7 +90,7 @@ def plan_memory(facts, dtype, quantize: str | None, prompt_tokens: int, new_toke
     clip_tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # 577: the patches and the class token
     chunk_bytes = chunk * clip_tokens * (6 * vision.hidden_size + vision.intermediate_size) * size
     chunk_bytes += chunk * 3 * CROP_SIZE * CROP_SIZE * size  # the chunk's pixels in the tower's dtype
-    rows = min(prompt_tokens, prefill_chunk) if prefill_chunk else prompt_tokens
+    rows = min(prompt_tokens, prefill_chunk or PREFILL_PIECE_TOKENS)
     prefill = prompt_tokens * text.hidden_size * size + rows * (3 * text.intermediate_size + 4 * text.hidden_size) * size
     kv_prompt = kv_cache_slots(prompt_tokens, 1, facts.context_length) * per_slot
     kept = pixels + features
