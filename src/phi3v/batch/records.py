@@ -157,18 +157,21 @@ def read_jsonl(path: Path) -> list[Record]:
     A record without an id gets its single image path, or `line-N` (N = line number).
     """
     base = path.resolve().parent
-    records = []
+    return [_jsonl_record(obj, where, lineno, base) for obj, where, lineno in jsonl_objects(path)]
+
+
+def jsonl_objects(path: Path):
+    """(parsed line, "FILE:LINE", line number) for each non-blank line of a JSONL file; a line that
+    is not JSON is a Phi3VError naming FILE:LINE."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                yield json.loads(line), where, lineno
             except json.JSONDecodeError as e:
                 raise Phi3VError(f"{where}: not valid JSON ({e.msg})") from None
-            records.append(_jsonl_record(obj, where, lineno, base))
-    return records
 
 
 def _jsonl_record(obj, where: str, lineno: int, base: Path) -> Record:

@@ -24,12 +24,12 @@ One line per record (blank lines skipped):
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..batch.records import jsonl_objects
 from ..engine.image_source import has_image_suffix
 from ..errors import Phi3VError
 from .metrics import check_metric
@@ -173,18 +173,7 @@ def _answers(obj: dict, where: str):
 
 def read_native(path: Path, default_metric: str | None = None) -> list[EvalRecord]:
     base = path.resolve().parent
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Phi3VError(f"{where}: not valid JSON ({e.msg})") from None
-            records.append(native_record(obj, where, lineno, base, default_metric))
-    return records
+    return [native_record(obj, where, lineno, base, default_metric) for obj, where, lineno in jsonl_objects(path)]
 
 
 def check_unique(records: Iterable[EvalRecord]) -> None:
