@@ -279,13 +279,33 @@ def report(summary: dict, counts: list[int], tokens: int) -> tuple[str, dict]:
     if ("continuous", 8) in summary and ("continuous", 1) in summary:
         ratio = summary[("continuous", 8)]["itl_p95"] / summary[("continuous", 1)]["itl_p95"]
         goals["itl_p95_8_vs_1"] = {"ratio": ratio, "target": "< 3", "met": ratio < 3}
+    ceiling = throughput_ceiling(summary, 8)
+    if ceiling is not None:
+        goals["throughput_8_vs_baseline"]["ceiling"] = ceiling
     lines.append("")
     for name, text in (("throughput_8_vs_baseline", "8 clients: aggregate tok/s continuous / baseline"),
                        ("itl_p95_8_vs_1", "continuous: p95 inter-token latency 8 clients / 1 client")):
         g = goals.get(name)
         lines.append(f"- goal {text} {g['target']}: {g['ratio']:.2f}x -> {'MET' if g['met'] else 'NOT met'}"
                      if g else f"- goal {text}: n/a (needs 1 and 8 clients and both variants)")
+    if ceiling is not None:
+        lines.append(f"- ceiling of that ratio on this machine: {ceiling:.2f}x = 8(P+D)/(8P+D), from one client "
+                     f"alone on the baseline (P = its TTFT, D = its decode time): the newcomers' vision and "
+                     f"prefill are compute-bound and cannot overlap one another, and the last one admitted "
+                     f"still decodes its tokens after its prefill")
     return "\n".join(lines), {"ratios": {str(n): r for n, r in ratios.items()}, "goals": goals}
+
+
+def throughput_ceiling(summary: dict, n: int) -> float | None:
+    """The most n clients can gain over one-at-a-time serving: one-at-a-time takes n(P + D), and
+    continuous batching at least nP (every newcomer's compute-bound vision and prefill, one after
+    another) + D (the last one's tokens, each a decoder pass) -> n(P + D) / (nP + D)."""
+    one = summary.get(("baseline", 1))
+    if one is None or one["ttft_p50"] != one["ttft_p50"] or ("baseline", n) not in summary:
+        return None
+    p = one["ttft_p50"]
+    d = max(0.0, one["wall_s"] - p)
+    return n * (p + d) / (n * p + d)
 
 
 # ---- the checkpoint ----------------------------------------------------------------------------

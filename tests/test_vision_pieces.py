@@ -319,3 +319,56 @@ def test_a_failure_in_one_newcomers_vision_fails_only_that_row(model, monkeypatc
     assert failed == [rows[1]] and "cannot encode" in str(rows[1].error)
     assert rows[1].features is None and rows[1].generated == []
     assert [rows[0].generated, rows[2].generated] == want
+
+
+def newcomer_work_per_step(model, monkeypatch, request, streaming_tokens: int = 80, **loop_kw):
+    """A streaming row, then a newcomer with three images joins -> (the newcomer's work grouped by
+    step, both rows' tokens, what they give alone). Every step must give the streaming row a token."""
+    streaming = model.prepare(prompt="Keep talking.")
+    newcomer = three_images(model)
+    rec = Recorder(model, monkeypatch, request)
+    loop = endless(model.new_loop(**loop_kw))
+    first = loop.add(start(model, streaming, streaming_tokens))
+    tags = {id(first): "streaming"}
+    for _ in range(3):  # plain decode steps: the budget measures one
+        rec.step(loop, tags)
+    rec.events.clear()
+    second = loop.add(start(model, newcomer, 5))
+    tags[id(second)] = "newcomer"
+    while any(r is second for r in loop.waiting):
+        assert not first.done
+        rec.step(loop, tags)
+    steps = rec.between_steps()
+    for n, step in enumerate(steps):
+        assert ("token", "streaming") in step, f"step {n}: the streaming row got no token: {step}"
+    work = [[e for e in step if e[0] in ("piece", "prefill")] for step in steps]
+    while loop.busy:
+        loop.step()
+    got = [first.generated, second.generated]
+    return work, got, [alone(model, streaming, streaming_tokens), alone(model, newcomer, 5)]
+
+
+def test_a_step_budget_runs_vision_pieces_back_to_back_and_grows_prefill_chunks(model, monkeypatch, request):
+    """step_share: pieces sized from measured times. With a share no step can exhaust, the
+    newcomer's vision pieces (each <= vision_chunk crops) all run in its first step, and its
+    prefill chunks double from prefill_chunk each step; the streaming row still gets a token every
+    step and both rows equal their runs alone."""
+    work, got, want = newcomer_work_per_step(model, monkeypatch, request, prefill_chunk=16, vision_chunk=2,
+                                             step_share=1e9)
+    assert got == want
+    pieces = [e[1] for e in work[0]]
+    assert all(e[0] == "piece" for e in work[0]) and max(pieces) <= 2 and len(pieces) >= 4
+    assert all(e[0] != "piece" for step in work[1:] for e in step), "every piece in the first step"
+    chunks = [e[1] for step in work[1:] for e in step]
+    assert all(len(step) == 1 for step in work[1:]), "one prefill part per step"
+    doubling = [16 * 2**i for i in range(len(chunks))]
+    assert chunks[:-1] == doubling[:-1] and chunks[-1] <= doubling[-1], chunks
+
+
+def test_a_step_budget_too_small_for_a_second_piece_keeps_one_piece_per_step(model, monkeypatch, request):
+    work, got, want = newcomer_work_per_step(model, monkeypatch, request, streaming_tokens=300,
+                                             prefill_chunk=64, vision_chunk=2, step_share=1e-9)
+    assert got == want
+    assert all(len(step) <= 1 for step in work), "one vision piece or one prefill part per step"
+    chunks = [e[1] for step in work for e in step if e[0] == "prefill"]
+    assert len(chunks) > 2 and max(chunks) == 64, "the prefill chunk stays at its minimum"

@@ -46,6 +46,7 @@ from .fused_step import Group
 from .constraints import ConstraintState
 from .model import Phi3VForCausalLM
 from .running_batch import RunningBatch
+from .step_budget import StepBudget
 from .sampling import Sampler
 from .text import TextAssembler
 
@@ -127,7 +128,7 @@ class DecodeLoop:
 
     def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
                  logits_hook=None, prefill_chunk: int | None = None, vision_chunk: int | None = None,
-                 vision_layers: int | None = None, fuse_prefill: bool = True):
+                 vision_layers: int | None = None, fuse_prefill: bool = True, step_share: float | None = None):
         """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
         logits) sees the float32 logits each token is chosen from (for tests). prefill_chunk:
         prompt tokens prefilled per step at most while other rows are running (None: whole prompts
@@ -140,11 +141,15 @@ class DecodeLoop:
         rows run, a step runs at most this many of the tower's layers on a piece (None or 0: all).
         fuse_prefill: while rows run, a newcomer's prefill chunk goes through the same decoder pass
         as their step (engine/fused_step.py: the weights are read once for both); False: a pass of
-        its own after theirs."""
+        its own after theirs. step_share: while rows run, newcomer work may add about this fraction
+        of a plain decode step to a step (engine/step_budget.py): vision pieces back to back, and
+        prefill chunks sized from the measured prefill rate, prefill_chunk the smallest; None:
+        fixed pieces (one vision piece, prefill_chunk tokens per step)."""
         self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
         self.fuse_prefill = fuse_prefill
         self.logits_hook = logits_hook
         self.prefill_chunk, self.vision_chunk, self.vision_layers = prefill_chunk, vision_chunk, vision_layers
+        self.budget = StepBudget(step_share, prefill_chunk, ONE_PASS_MAX_TOKENS)
         self.batch = RunningBatch(model)
         self.running: list[Row] = []  # in batch order
         self.waiting: list[Row] = []
@@ -203,7 +208,7 @@ class DecodeLoop:
         _admit would prefill (first come, first served, rows with their image features, at most
         prefill_chunk tokens in all) -> [(row, group, tokens, whether its prompt is then all in)].
         A row that cannot start gets finish_reason "error" and an event."""
-        parts, budget = [], self.prefill_chunk
+        parts, budget = [], self.budget.prefill_tokens(fused=True)
         for row in list(self.waiting):
             if row.features is not None or (budget is not None and budget <= 0):
                 break
@@ -226,19 +231,23 @@ class DecodeLoop:
         joins the batch, its logits after the running rows'."""
         text_cfg = self.model.cfg.text
         try:
+            t0 = time.perf_counter()
             if fused:
-                t0 = time.perf_counter()
                 logits = self.batch.step_with([r._pending for r in self.running], [p[1] for p in fused],
                                               [p[3] for p in fused])  # (B + joining, V)
+                took = time.perf_counter() - t0
+                self.budget.saw_prefill(sum(p[2] for p in fused), took)
                 for row, _, n, last in fused:
                     self._part_done(row, n, last)
-                    row.timings.prefill_s += time.perf_counter() - t0
+                    row.timings.prefill_s += took
             elif len(crossing) == len(self.running):
                 self.batch.advance()  # every row is re-prefilled below: skip the shared step
                 logits = torch.empty(len(self.running), text_cfg.vocab_size,
                                      device=self.model.lm_head.weight.device)
             else:
                 logits = self.batch.step([r._pending for r in self.running])
+                if not crossing:
+                    self.budget.saw_decode(time.perf_counter() - t0)
             for j in crossing:
                 logits[j] = self._recompute_long(j)
         except Exception as err:  # noqa: BLE001 - the batch's cache is no longer consistent
@@ -260,7 +269,7 @@ class DecodeLoop:
         failed = []
         new_logits = []
         running = bool(self.running)  # rows are decoding: protect their next token
-        budget = self.prefill_chunk if running else None  # None: no limit
+        budget = self.budget.prefill_tokens(fused=False) if running else None  # None: no limit
         worked = False  # newcomer work done in this step
         while self.waiting:
             row = self.waiting[0]
@@ -269,12 +278,14 @@ class DecodeLoop:
                     if worked and (running or self.running):
                         break
                     worked = True
-                    piece = (self.vision_chunk, self.vision_layers) if running else (None, None)
-                    if not self._vision_piece(row, *piece) or running:
+                    if not self._vision_pieces(row, running) or running:
                         break  # more pieces to go, or its prefill waits for the next step
                 if budget is not None and budget <= 0:
                     break
+                t0 = time.perf_counter()
                 logits, used = self._prefill(row, budget)
+                if running:
+                    self.budget.saw_prefill(used, time.perf_counter() - t0)
                 worked = True
             except Exception as err:  # noqa: BLE001 - only this row is concerned
                 failed.append(self._fail_waiting(row, err))
@@ -340,6 +351,22 @@ class DecodeLoop:
         return events
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _vision_pieces(self, row: Row, running: bool) -> bool:
+        """This step's vision work for row -> True once its features are all in. With nothing
+        running: one piece of the tower's own size (a cancellation is seen between pieces). While
+        rows run: pieces of vision_chunk crops x vision_layers layers, back to back as long as the
+        step budget allows (at least one)."""
+        if not running:
+            return self._vision_piece(row, None, None)
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            if self._vision_piece(row, self.vision_chunk, self.vision_layers):
+                return True
+            now = time.perf_counter()
+            if not self.budget.more_vision(now - start, now - t0):
+                return False
+
     @staticmethod
     def _vision_piece(row: Row, chunk: int | None, layers: int | None) -> bool:
         """One piece of row's image features (at most `chunk` crops through the tower, None: the
