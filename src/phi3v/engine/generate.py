@@ -12,7 +12,9 @@ rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
                 running, a step does one piece of such newcomer work at most: one vision piece
                 (with `vision_layers`, that many of the tower's layers of it), or prefill of at
                 most `prefill_chunk` prompt tokens, so a newcomer never stalls the others'
-                streams for long (it joins after a few steps). With nothing running
+                streams for long (it joins after a few steps); with step_share
+                (engine/step_budget.py) those are the smallest pieces and a step carries what
+                fits that fraction of a plain decode step. With nothing running
                 a prompt is prefilled whole, and every waiting row with its features joins.
                 fuse_prefill (default): while rows run, that prefill is not a pass of its own but
                 goes through step 1's decoder pass (engine/fused_step.py: the running rows' tokens

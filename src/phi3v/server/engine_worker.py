@@ -6,7 +6,9 @@ requests that finished, failed, or whose client went away leave (their KV cache 
 A newcomer does its work a piece per step while others decode, so their streams keep a token
 every step: its images' features one vision piece (`vision_chunk` crops, `vision_layers` of the
 tower's layers) per step,
-then its prompt `prefill_chunk` tokens per step; then it decodes together with the others. With
+then its prompt `prefill_chunk` tokens per step; then it decodes together with the others. Those
+are the smallest pieces: with `step_share`, a step carries as many vision pieces and as large a
+prefill chunk as fit that fraction of a plain decode step (engine/step_budget.py). With
 nothing running, a newcomer's prompt is prefilled whole (its images still a piece per iteration,
 so a cancellation is seen between pieces).
 Streamed and non-streamed requests are treated alike; rows with different sampling settings and
