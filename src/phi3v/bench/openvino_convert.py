@@ -15,7 +15,7 @@ What is converted, from the checkpoint's own tensors (bench/engines.Transformers
   vision.xml   transformers' CLIPVisionModel, output hidden_states[-2] without the class token (what
                Phi-3-vision uses), pixel_values (N, 3, 336, 336) -> (N, 576, C).
 Weights as OpenVINO's published Phi-3.5-vision models have them (nncf.compress_weights):
-  bf16: fp16 weights in the IR (the CPU plugin runs them at its bf16 inference precision)
+  bf16: bf16 weights in the IR, the plugin's inference precision (fp16 ones cost a converted copy)
   int8: decoder INT8_ASYM per output channel, vision INT8_ASYM
   int4: decoder INT4_ASYM, group 128, ratio 1.0 (NNCF keeps the embedding-adjacent layers int8, its
         default), vision INT8_ASYM
@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 EXTRA_HINT = "pip install 'phi3v[openvino]'"
-CONVERTER_VERSION = "4"  # bump when the conversion changes: cached IR is then rebuilt
+# Per scheme: bump one when its conversion changes (its cached IR is then rebuilt, the others kept).
+CONVERTER_VERSIONS = {"bf16": "5", "int8": "4", "int4": "4"}
 SCHEMES = ("bf16", "int8", "int4")
 INT4_GROUP = 128
 
@@ -51,10 +52,11 @@ def missing_extra() -> str:
     return f"{', '.join(missing)} not installed: {EXTRA_HINT}" if missing else ""
 
 
-def checkpoint_key(folder: Path) -> str:
-    """A short hash of what the IR is made from: config.json's bytes, each safetensors file's name,
-    size and modification time (not its contents: 8 GB would take a minute to hash)."""
-    h = hashlib.sha256(CONVERTER_VERSION.encode())
+def checkpoint_key(folder: Path, scheme: str) -> str:
+    """A short hash of what the IR is made from: the scheme's converter version, config.json's bytes,
+    each safetensors file's name, size and modification time (not its contents: 8 GB would take a
+    minute to hash)."""
+    h = hashlib.sha256(CONVERTER_VERSIONS[scheme].encode())
     h.update((folder / "config.json").read_bytes())
     for f in sorted(folder.glob("*.safetensors")):
         st = f.stat()
@@ -63,7 +65,7 @@ def checkpoint_key(folder: Path) -> str:
 
 
 def ir_folder(checkpoint: Path, scheme: str, data_dir: Path) -> Path:
-    return Path(data_dir) / "openvino-ir" / f"{Path(checkpoint).name}-{checkpoint_key(Path(checkpoint))}-{scheme}"
+    return Path(data_dir) / "openvino-ir" / f"{Path(checkpoint).name}-{checkpoint_key(Path(checkpoint), scheme)}-{scheme}"
 
 
 def ensure_ir(checkpoint: Path, scheme: str, data_dir: Path, log=print) -> tuple[Path, float | None]:
@@ -194,7 +196,7 @@ def convert_decoder(lm):
 
 def _float32_io(model, inputs: list[str], outputs: list[str]):
     """The model's float inputs and outputs as float32 (converted inside the graph): the graph is
-    traced in float16, callers feed and read numpy float32 whatever the plugin computes in."""
+    traced in float16 or bfloat16, callers feed and read numpy float32 whatever the plugin computes in."""
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
@@ -236,18 +238,22 @@ def convert(checkpoint: Path, scheme: str, out: Path, log=print) -> dict:
     from .engines import TransformersEngine
 
     start = time.perf_counter()
-    # float16, as OpenVINO's published IRs store weights: half the memory of a float32 copy (the
-    # full-size model: ~8 GB instead of ~16; ov.convert_model shares the tensors), and the form
-    # whose NNCF-compressed weights the CPU plugin runs as int4/int8 products (decompression from
-    # bf16 constants is not fused: a bf16 conversion ran its int4 layers as bf16 MatMuls).
-    torch_models = TransformersEngine(checkpoint, "float16")
+    # int8/int4: float16, as OpenVINO's published IRs store weights: half the memory of a float32
+    # copy (the full-size model: ~8 GB instead of ~16; ov.convert_model shares the tensors), and the
+    # form whose NNCF-compressed weights the CPU plugin runs as int4/int8 products (decompression
+    # from bf16 constants is not fused: a bf16 conversion ran its int4 layers as bf16 MatMuls).
+    # bf16: bfloat16 constants, what the plugin computes in. From float16 ones it kept a converted
+    # bf16 copy besides its packed weights: 22.2 GB of anonymous memory after the first inference
+    # on an AMX CPU (the worker was OOM-killed on 24 GiB), three times the 7.4 GB of weights.
+    weights = "bf16" if scheme == "bf16" else "fp16"
+    torch_models = TransformersEngine(checkpoint, "bfloat16" if weights == "bf16" else "float16")
     torch_models.load()
     decoder, vision = convert_decoder(torch_models.lm), convert_vision(torch_models.clip)
     cfg = torch_models.lm.config
     meta = {"scheme": scheme, "checkpoint": str(checkpoint), "openvino": ov.__version__, "nncf": nncf.__version__,
-            "converter_version": CONVERTER_VERSION, "layers": cfg.num_hidden_layers,
+            "converter_version": CONVERTER_VERSIONS[scheme], "layers": cfg.num_hidden_layers,
             "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.hidden_size // cfg.num_attention_heads,
-            "hidden": cfg.hidden_size, "decoder_weights": "fp16", "vision_weights": "fp16"}
+            "hidden": cfg.hidden_size, "decoder_weights": weights, "vision_weights": weights}
     del torch_models
     if scheme == "int4":
         g = int4_group(cfg.hidden_size, cfg.intermediate_size)
@@ -260,8 +266,8 @@ def convert(checkpoint: Path, scheme: str, out: Path, log=print) -> dict:
         vision = nncf.compress_weights(vision, mode=nncf.CompressWeightsMode.INT8_ASYM)
         meta["vision_weights"] = "int8_asym per channel (nncf)"
     out.mkdir(parents=True, exist_ok=True)
-    ov.save_model(decoder, out / "decoder.xml")
-    ov.save_model(vision, out / "vision.xml")
+    ov.save_model(decoder, out / "decoder.xml", compress_to_fp16=weights == "fp16")
+    ov.save_model(vision, out / "vision.xml", compress_to_fp16=weights == "fp16")
     meta["convert_s"] = time.perf_counter() - start
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
     log(f"converted in {meta['convert_s']:.1f}s: decoder {meta['decoder_weights']}, vision {meta['vision_weights']}")
