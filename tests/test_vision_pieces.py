@@ -349,12 +349,12 @@ def newcomer_work_per_step(model, monkeypatch, request, streaming_tokens: int = 
 
 
 def test_a_step_budget_runs_vision_pieces_back_to_back_and_grows_prefill_chunks(model, monkeypatch, request):
-    """step_share: pieces sized from measured times. With a share no step can exhaust, the
+    """step_budget: pieces sized from measured times. With a budget no step can exhaust, the
     newcomer's vision pieces (each <= vision_chunk crops) all run in its first step, and its
     prefill chunks double from prefill_chunk each step; the streaming row still gets a token every
     step and both rows equal their runs alone."""
     work, got, want = newcomer_work_per_step(model, monkeypatch, request, prefill_chunk=16, vision_chunk=2,
-                                             step_share=1e9)
+                                             step_budget=1e9)
     assert got == want
     pieces = [e[1] for e in work[0]]
     assert all(e[0] == "piece" for e in work[0]) and max(pieces) <= 2 and len(pieces) >= 4
@@ -367,7 +367,7 @@ def test_a_step_budget_runs_vision_pieces_back_to_back_and_grows_prefill_chunks(
 
 def test_a_step_budget_too_small_for_a_second_piece_keeps_one_piece_per_step(model, monkeypatch, request):
     work, got, want = newcomer_work_per_step(model, monkeypatch, request, streaming_tokens=300,
-                                             prefill_chunk=64, vision_chunk=2, step_share=1e-9)
+                                             prefill_chunk=64, vision_chunk=2, step_budget=1e-9)
     assert got == want
     assert all(len(step) <= 1 for step in work), "one vision piece or one prefill part per step"
     chunks = [e[1] for step in work for e in step if e[0] == "prefill"]

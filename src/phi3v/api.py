@@ -325,18 +325,18 @@ class Phi3V:
 
     def new_loop(self, logits_hook=None, prefill_chunk: int | None = None,
                  vision_chunk: int | None = None, vision_layers: int | None = None,
-                 fuse_prefill: bool = True, step_share: float | None = None) -> DecodeLoop:
+                 fuse_prefill: bool = True, step_budget: float | None = None) -> DecodeLoop:
         """A generation loop on this model (rows can join and leave between its steps). While
         rows are running, a newcomer prefills at most prefill_chunk prompt tokens per step (None:
         whole prompts) and encodes at most vision_chunk image crops per step (None: the model's
         vision_chunk; 0: all at once) through at most vision_layers of the tower's layers (None:
         all); with none running, whole prompts and the model's pieces. fuse_prefill: the
         newcomer's prefill chunk shares the running rows' decoder pass (False: a pass of its own).
-        step_share: newcomer work may add about this fraction of a plain decode step to each step,
-        the pieces sized from measured times, prefill_chunk and one vision piece the smallest
-        (engine/step_budget.py; None: fixed pieces)."""
+        step_budget: a step with newcomer work may take about this many times the fastest plain
+        decode step, the pieces sized from measured times, prefill_chunk and one vision piece the
+        smallest (engine/step_budget.py; None: fixed pieces)."""
         return DecodeLoop(self.module, self.stop_ids, self.config.rope_switch, logits_hook, prefill_chunk,
-                          vision_chunk, vision_layers, fuse_prefill, step_share)
+                          vision_chunk, vision_layers, fuse_prefill, step_budget)
 
     def start_row(self, prepared: PreparedPrompt, options: GenerationOptions | None = None, *,
                   reuse_conversation: bool = False, output_format: OutputFormat | None = None,

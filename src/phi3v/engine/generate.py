@@ -12,9 +12,9 @@ rules, its text so far. `DecodeLoop` runs rows together; each `step()`:
                 running, a step does one piece of such newcomer work at most: one vision piece
                 (with `vision_layers`, that many of the tower's layers of it), or prefill of at
                 most `prefill_chunk` prompt tokens, so a newcomer never stalls the others'
-                streams for long (it joins after a few steps); with step_share
+                streams for long (it joins after a few steps); with step_budget
                 (engine/step_budget.py) those are the smallest pieces and a step carries what
-                fits that fraction of a plain decode step. With nothing running
+                fits a multiple of the fastest plain decode step. With nothing running
                 a prompt is prefilled whole, and every waiting row with its features joins.
                 fuse_prefill (default): while rows run, that prefill is not a pass of its own but
                 goes through step 1's decoder pass (engine/fused_step.py: the running rows' tokens
@@ -130,7 +130,7 @@ class DecodeLoop:
 
     def __init__(self, model: Phi3VForCausalLM, stop_ids: frozenset[int], rope_switch: str = "mixed",
                  logits_hook=None, prefill_chunk: int | None = None, vision_chunk: int | None = None,
-                 vision_layers: int | None = None, fuse_prefill: bool = True, step_share: float | None = None):
+                 vision_layers: int | None = None, fuse_prefill: bool = True, step_budget: float | None = None):
         """rope_switch: "mixed" | "recompute" (config.ROPE_SWITCH_POLICIES). logits_hook(row, step,
         logits) sees the float32 logits each token is chosen from (for tests). prefill_chunk:
         prompt tokens prefilled per step at most while other rows are running (None: whole prompts
@@ -143,15 +143,15 @@ class DecodeLoop:
         rows run, a step runs at most this many of the tower's layers on a piece (None or 0: all).
         fuse_prefill: while rows run, a newcomer's prefill chunk goes through the same decoder pass
         as their step (engine/fused_step.py: the weights are read once for both); False: a pass of
-        its own after theirs. step_share: while rows run, newcomer work may add about this fraction
-        of a plain decode step to a step (engine/step_budget.py): vision pieces back to back, and
-        prefill chunks sized from the measured prefill rate, prefill_chunk the smallest; None:
-        fixed pieces (one vision piece, prefill_chunk tokens per step)."""
+        its own after theirs. step_budget: while rows run, a step with newcomer work may take about
+        this many times the fastest plain decode step (engine/step_budget.py): vision pieces back to
+        back, prefill chunks sized from the measured prefill rate, prefill_chunk the smallest;
+        None: fixed pieces (one vision piece, prefill_chunk tokens per step)."""
         self.model, self.stop_ids, self.rope_switch = model, stop_ids, rope_switch
         self.fuse_prefill = fuse_prefill
         self.logits_hook = logits_hook
         self.prefill_chunk, self.vision_chunk, self.vision_layers = prefill_chunk, vision_chunk, vision_layers
-        self.budget = StepBudget(step_share, prefill_chunk, ONE_PASS_MAX_TOKENS)
+        self.budget = StepBudget(step_budget, prefill_chunk, ONE_PASS_MAX_TOKENS)
         self.batch = RunningBatch(model)
         self.running: list[Row] = []  # in batch order
         self.waiting: list[Row] = []
@@ -210,7 +210,7 @@ class DecodeLoop:
         _admit would prefill (first come, first served, rows with their image features, at most
         prefill_chunk tokens in all) -> [(row, group, tokens, whether its prompt is then all in)].
         A row that cannot start gets finish_reason "error" and an event."""
-        parts, budget = [], self.budget.prefill_tokens(fused=True)
+        parts, budget = [], self.budget.prefill_tokens()
         for row in list(self.waiting):
             if row.features is not None or (budget is not None and budget <= 0):
                 break
@@ -238,7 +238,7 @@ class DecodeLoop:
                 logits = self.batch.step_with([r._pending for r in self.running], [p[1] for p in fused],
                                               [p[3] for p in fused])  # (B + joining, V)
                 took = time.perf_counter() - t0
-                self.budget.saw_prefill(sum(p[2] for p in fused), took)
+                self.budget.saw_prefill(sum(p[2] for p in fused), took, fused=True)
                 for row, _, n, last in fused:
                     self._part_done(row, n, last)
                     row.timings.prefill_s += took
@@ -271,7 +271,7 @@ class DecodeLoop:
         failed = []
         new_logits = []
         running = bool(self.running)  # rows are decoding: protect their next token
-        budget = self.budget.prefill_tokens(fused=False) if running else None  # None: no limit
+        budget = self.budget.prefill_tokens() if running else None  # None: no limit
         worked = False  # newcomer work done in this step
         while self.waiting:
             row = self.waiting[0]
@@ -287,7 +287,7 @@ class DecodeLoop:
                 t0 = time.perf_counter()
                 logits, used = self._prefill(row, budget)
                 if running:
-                    self.budget.saw_prefill(used, time.perf_counter() - t0)
+                    self.budget.saw_prefill(used, time.perf_counter() - t0, fused=False)
                 worked = True
             except Exception as err:  # noqa: BLE001 - only this row is concerned
                 failed.append(self._fail_waiting(row, err))

@@ -42,7 +42,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     worker = EngineWorker(model, settings.max_queue, max_batch=settings.max_batch,
                           kv_budget_bytes=settings.kv_budget_bytes, prefill_chunk=settings.prefill_chunk,
                           vision_chunk=settings.vision_chunk, vision_layers=settings.vision_layers,
-                          fuse_prefill=not settings.separate_prefill, step_share=settings.step_budget)
+                          fuse_prefill=not settings.separate_prefill, step_budget=settings.step_budget)
     # The caches' byte budgets are the server's settings (replacing those the model was loaded with).
     model.images.set_cache_bytes(settings.image_cache_bytes)
     model.conversation.max_bytes = settings.retained_kv_bytes

@@ -7,8 +7,8 @@ A newcomer does its work a piece per step while others decode, so their streams 
 every step: its images' features one vision piece (`vision_chunk` crops, `vision_layers` of the
 tower's layers) per step,
 then its prompt `prefill_chunk` tokens per step; then it decodes together with the others. Those
-are the smallest pieces: with `step_share`, a step carries as many vision pieces and as large a
-prefill chunk as fit that fraction of a plain decode step (engine/step_budget.py). With
+are the smallest pieces: with `step_budget`, a step carries as many vision pieces and as large a
+prefill chunk as fit that many times the fastest plain decode step (engine/step_budget.py). With
 nothing running, a newcomer's prompt is prefilled whole (its images still a piece per iteration,
 so a cancellation is seen between pieces).
 Streamed and non-streamed requests are treated alike; rows with different sampling settings and
@@ -108,7 +108,7 @@ def _exit_process() -> None:
 class EngineWorker:
     def __init__(self, model, max_queue: int, *, max_batch: int = MAX_BATCH, kv_budget_bytes: int | None = None,
                  prefill_chunk: int | None = None, vision_chunk: int | None = None,
-                 vision_layers: int | None = None, fuse_prefill: bool = True, step_share: float | None = None,
+                 vision_layers: int | None = None, fuse_prefill: bool = True, step_budget: float | None = None,
                  on_fatal: Callable[[], None] | None = None):
         """kv_budget_bytes: the KV caches of the rows running together stay under this (each row
         counted at prompt + max_new_tokens); None = no limit beyond max_batch. prefill_chunk: prompt
@@ -117,16 +117,16 @@ class EngineWorker:
         step of the others (one vision-tower call; 0: all at once; None: the model's vision_chunk),
         through at most vision_layers of the tower's layers per step (None or 0: all). fuse_prefill:
         a newcomer's prefill chunk goes through the others' decode step (one decoder pass; False:
-        a pass of its own). step_share: newcomer work may add about this fraction of a plain decode
-        step to each step, pieces sized from measured times (engine/step_budget.py; None or 0: the
-        fixed pieces above)."""
+        a pass of its own). step_budget: a step with newcomer work may take about this many times
+        the fastest plain decode step, pieces sized from measured times (engine/step_budget.py;
+        None or 0: the fixed pieces above)."""
         self.model = model
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_chunk, self.vision_chunk, self.vision_layers = prefill_chunk, vision_chunk, vision_layers
         self.fuse_prefill = fuse_prefill
-        self.step_share = step_share or None
+        self.step_budget = step_budget or None
         self.on_fatal = on_fatal or _exit_process
         # on_finish(job, outcome, payload): called on the worker thread as each job ends, before its
         # row is dropped (metrics.py observes tokens and timings there); its errors are only logged.
@@ -254,7 +254,7 @@ class EngineWorker:
     def _new_loop(self):
         return self.model.new_loop(prefill_chunk=self.prefill_chunk, vision_chunk=self.vision_chunk,
                                    vision_layers=self.vision_layers, fuse_prefill=self.fuse_prefill,
-                                   step_share=self.step_share)
+                                   step_budget=self.step_budget)
 
     def _take_jobs(self, block: bool) -> list[GenerationJob] | None:
         """Jobs that may join now (first come, first served, within max_batch and the KV

@@ -68,9 +68,10 @@ class ServerSettings:
             "tower uses 23: 12 = a crop in two steps); 0 = all of them", "--vision-layers", bounds=Bounds(0),
         metavar="N")
     step_budget: float = setting(
-        0.75, "newcomer work a decode step of the running requests may carry, as a fraction of that step's "
-              "time: vision pieces back to back and prefill chunks sized from measured times, --prefill-chunk "
-              "and one --vision-chunk/--vision-layers piece the smallest; 0 = those fixed pieces per step",
+        2.5, "a decode step that also carries a joining request's work may take about this many times the "
+             "fastest plain decode step (one running request's): vision pieces back to back and prefill chunks "
+             "sized from measured times, --prefill-chunk and one --vision-chunk/--vision-layers piece the "
+             "smallest; 0 = those fixed pieces per step",
         "--step-budget", bounds=Bounds(0), metavar="F")
     separate_prefill: bool = setting(
         False, "run a joining request's prefill chunks as decoder passes of their own, after the running "
