@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from phi3v.engine import clip_packed
 from phi3v.engine.config import Phi3VConfig
 from phi3v.engine.vision import ClipVisionModel
 from phi3v.testing import full_size_config
@@ -39,9 +40,10 @@ def build_tower() -> ClipVisionModel:
 
 
 def set_path(tower: ClipVisionModel, path: str):
-    """path: plain | packed | compile -> the callable to time."""
+    """path: plain | packed | packed-unfused (quick_gelu a pass of its own) | compile -> the callable to time."""
     tower.unpack()
-    if path == "packed":
+    clip_packed.FUSE_QUICK_GELU = path != "packed-unfused"
+    if path in ("packed", "packed-unfused"):
         if not tower.pack():
             raise SystemExit("this torch has no oneDNN packed linear (torch.ops.mkldnn._linear_pointwise)")
         return tower
@@ -80,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--crops", default="1,5,17", help="comma-separated crop counts (default 1,5,17)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--paths", default="plain,packed", help="plain, packed, compile (comma-separated)")
+    ap.add_argument("--paths", default="plain,packed", help="plain, packed, packed-unfused, compile (comma-separated)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile (inductor, freezing) of the plain path")
     ap.add_argument("--profile", type=int, default=0, metavar="CROPS", help="print a profile table instead")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

@@ -199,6 +199,10 @@ def test_checkpoint_errors(tmp_path):
         quantize_checkpoint(out, tmp_path / "again", "int8")
     with pytest.raises(Phi3VError, match="not empty"):
         quantize_checkpoint(GOLDEN, out, "int8")
+    # groups wider than the model's inputs (128): refused before the output folder is made
+    with pytest.raises(Phi3VError, match=r"input width 128 of model\.layers\.0\..* group size 256.*int4:128"):
+        quantize_checkpoint(GOLDEN, tmp_path / "wide", "int4:256")
+    assert not (tmp_path / "wide").exists()
     # a checkpoint whose scheme does not match its tensors fails with the tensor named
     raw = json.loads((out / "config.json").read_text())
     raw[CONFIG_KEY] = {"scheme": "int4", "group_size": 64}

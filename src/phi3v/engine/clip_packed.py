@@ -8,10 +8,14 @@ docs/performance.md). Per layer the pack also:
   the module its q_proj/k_proj/v_proj parameters: the pack is a copy held beside them),
 - adds the residual inside out_proj's and fc2's products (oneDNN's binary post-op: no separate
   add pass, one rounding to bf16 instead of two),
+- runs quick_gelu inside fc1's product: quick_gelu(z) = z * sigmoid(1.702 z) = swish(1.702 z) / 1.702,
+  and oneDNN's swish post-op (x * sigmoid(x)) is fused, so fc1 is packed with its weight and bias
+  times 1.702 and fc2 with its weight divided by 1.702 (scaled in float32, one rounding to the
+  layer's dtype); the three elementwise passes over the (N, T, 4C) activations are gone,
 - hands SDPA (N, heads, T, head_dim) views of the fused (N, T, 3C) product and reads its output,
   which torch's CPU flash attention lays out as (N, T, heads, head_dim), without a copy.
 
-LayerNorm, quick_gelu and SDPA are the same ops as the plain path. In fp32 the results equal the
+LayerNorm and SDPA are the same ops as the plain path. In fp32 the results equal the
 plain formulation up to float rounding (tests/test_vision_fast.py); in bf16 they differ by the
 roundings the fusions save. Off with PHI3V_VISION_PACKED=0 (or `ClipVisionModel.packed_weights =
 False`), e.g. to compare (scripts/bench_vision.py).
@@ -26,6 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV = "PHI3V_VISION_PACKED"
+QUICK_GELU = 1.702  # quick_gelu(z) = z * sigmoid(QUICK_GELU * z)
+# quick_gelu as fc1's swish post-op (True), or a pass of its own after fc1 (for comparisons:
+# scripts/bench_vision.py --paths packed,packed-unfused); read when a layer is packed.
+FUSE_QUICK_GELU = True
 
 
 def available() -> bool:
@@ -47,7 +55,7 @@ def _pack(weight: torch.Tensor, tokens: int) -> torch.Tensor:
 class PackedLayer:
     """One ClipLayer's four products, packed. Built by `of(layer)`; called as `packed(layer, x)`."""
 
-    __slots__ = ("qkv", "qkv_bias", "out", "out_bias", "fc1", "fc1_bias", "fc2", "fc2_bias")
+    __slots__ = ("qkv", "qkv_bias", "out", "out_bias", "fc1", "fc1_bias", "fc2", "fc2_bias", "fused_gelu")
 
     @classmethod
     def of(cls, layer: nn.Module, tokens: int) -> "PackedLayer | None":
@@ -62,8 +70,11 @@ class PackedLayer:
             p.qkv = _pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), tokens)
             p.qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])  # (3C,)
             p.out, p.out_bias = _pack(attn.out_proj.weight, tokens), attn.out_proj.bias.detach()
-            p.fc1, p.fc1_bias = _pack(mlp.fc1.weight, tokens), mlp.fc1.bias.detach()
-            p.fc2, p.fc2_bias = _pack(mlp.fc2.weight, tokens), mlp.fc2.bias.detach()
+            dtype, p.fused_gelu = mlp.fc1.weight.dtype, FUSE_QUICK_GELU
+            scale = QUICK_GELU if p.fused_gelu else 1.0
+            p.fc1 = _pack((mlp.fc1.weight.float() * scale).to(dtype), tokens)
+            p.fc1_bias = (mlp.fc1.bias.float() * scale).to(dtype)
+            p.fc2, p.fc2_bias = _pack((mlp.fc2.weight.float() / scale).to(dtype), tokens), mlp.fc2.bias.detach()
         return p
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -81,6 +92,9 @@ class PackedLayer:
         att = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd), stored (N, T, heads, hd)
         att = att.transpose(1, 2).reshape(N, T, C)  # a view when stored that way, else one copy
         x = linear.binary(att, x, self.out, self.out_bias, "add")  # out_proj(att) + x
-        h = linear(layer.layer_norm2(x), self.fc1, self.fc1_bias, "none", [], "")  # (N, T, 4C)
-        h = h.mul_(torch.sigmoid_(1.702 * h))  # quick_gelu, in place: one temporary
-        return linear.binary(h, x, self.fc2, self.fc2_bias, "add")  # fc2(h) + x
+        if self.fused_gelu:
+            h = linear(layer.layer_norm2(x), self.fc1, self.fc1_bias, "swish", [], "")  # 1.702 quick_gelu(fc1), (N, T, 4C)
+        else:
+            h = linear(layer.layer_norm2(x), self.fc1, self.fc1_bias, "none", [], "")
+            h = h.mul_(torch.sigmoid_(QUICK_GELU * h))  # quick_gelu, in place: one temporary
+        return linear.binary(h, x, self.fc2, self.fc2_bias, "add")  # fc2(h) + x, fc2 pre-divided by 1.702

@@ -273,6 +273,18 @@ def _prepare_out_dir(src_dir: Path, out_dir: Path, qc: QuantConfig) -> None:
     cfg_path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
 
 
+def _check_fits(module, targets: set[str], qc: QuantConfig) -> None:
+    """Refuse a scheme the model's shapes cannot take (int4 groups that do not divide an input width)."""
+    if qc.scheme != "int4":
+        return
+    for name, sub in module.named_modules():
+        if name in targets and sub.in_features % qc.group_size:
+            fits = [g for g in (128, 64, 32, 16) if sub.in_features % g == 0]
+            hint = f"; choose a smaller group (e.g. int4:{fits[0]})" if fits else "; use int8"
+            raise Phi3VError(f"int4: input width {sub.in_features} of {name} is not a multiple of the group size "
+                             f"{qc.group_size}{hint}")
+
+
 def quantize_checkpoint(src_dir, out_dir, scheme, *, shard_bytes: int = SHARD_BYTES, progress=None) -> Path:
     """Write a quantized copy of a float checkpoint folder, one tensor at a time.
 
@@ -283,11 +295,13 @@ def quantize_checkpoint(src_dir, out_dir, scheme, *, shard_bytes: int = SHARD_BY
     cfg = Phi3VConfig.from_dir(src_dir)
     if checkpoint_quantization(cfg.raw) is not None:
         raise CheckpointError(f"{src_dir} is already quantized; quantize the float checkpoint instead")
-    targets = set(target_linear_names(meta_module(cfg), qc))
+    module = meta_module(cfg)
+    targets = set(target_linear_names(module, qc))
     reader = TensorReader(src_dir)
     for name in targets:
         if name + ".weight" not in reader:
             raise CheckpointError(f"tensor {name}.weight is missing from {src_dir}")
+    _check_fits(module, targets, qc)  # before the output folder exists: a refusal leaves nothing behind
     _prepare_out_dir(src_dir, out_dir, qc)
     writer = _ShardWriter(out_dir, shard_bytes)
     names = list(reader.files)
