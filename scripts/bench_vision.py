@@ -55,6 +55,18 @@ def set_path(tower: ClipVisionModel, path: str):
     return tower
 
 
+def openvino_vision(ir_dir: str, threads: int):
+    """The IR's CLIP tower compiled for the CPU as the bench's openvino variants run it -> a callable
+    on (N, 3, 336, 336) pixels (fed as float32, the IR's input type)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(os.path.join(ir_dir, "vision.xml"), "CPU",
+                                       {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    print(f"openvino {ov.__version__}: {ir_dir}, inference precision {compiled.get_property('INFERENCE_PRECISION_HINT')}")
+    return lambda pixels: request.infer({0: pixels.float().numpy()})
+
+
 def time_it(fn, pixels: torch.Tensor, repeats: int, warm_up: bool = True) -> list[float]:
     times = []
     with torch.inference_mode():
@@ -86,10 +98,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="add torch.compile (inductor, freezing) of the plain path")
     ap.add_argument("--profile", type=int, default=0, metavar="CROPS", help="print a profile table instead")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--openvino", metavar="IR_DIR", help="also time OpenVINO's vision.xml from this `phi3v bench` IR "
+                                                       "folder (path `openvino`, the CPU plugin at bf16)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = [p for p in args.paths.split(",") if p] + (["compile"] if args.compile else [])
+    ov_vision = None
+    if args.openvino:
+        ov_vision = openvino_vision(args.openvino, args.threads or torch.get_num_threads())
+        paths.append("openvino")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}, load average {os.getloadavg()}")
     tower = build_tower()
@@ -107,7 +125,8 @@ def main() -> None:
         turns = [p for p in paths if p != "compile"]
         for r in range(args.repeats):  # plain and packed take turns, so a load change hits both alike
             for path in turns:
-                times[path] += time_it(set_path(tower, path), pixels, 1, warm_up=r == 0)
+                fn = ov_vision if path == "openvino" else set_path(tower, path)
+                times[path] += time_it(fn, pixels, 1, warm_up=r == 0)
         if "compile" in paths:  # after the others: its graph is traced from the plain path
             times["compile"] = time_it(set_path(tower, "compile"), pixels, args.repeats)
         medians = {path: statistics.median(t) for path, t in times.items()}
