@@ -19,6 +19,7 @@ from ..errors import Phi3VError
 from .running import missing_extra
 
 STATUS_EVERY_S = 5.0  # how often the driver checks that the app still runs
+SIGNAL_POLL_S = 0.2  # how soon a Ctrl-C or SIGTERM is acted on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,24 +100,33 @@ def _describe(actor_options: dict) -> str:
 
 
 def _wait(serve) -> int:
-    """Block until Ctrl-C or SIGTERM (0), or until the app is gone from the cluster (1)."""
+    """Block until Ctrl-C or SIGTERM (0), or until the app is gone from the cluster (1).
+
+    The signals only set a flag that this loop reads: a KeyboardInterrupt raised while the main
+    thread is inside Ray's client code (serve.status()) can be swallowed there, and the command
+    then never stopped (seen in the test suite: no exit 60 s after Ctrl-C)."""
     from ..server.ray_serve import APP_NAME
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
+    stop = []
 
-    previous = signal.signal(signal.SIGTERM, on_term)  # `kill`, systemd, Kubernetes: stop as on Ctrl-C
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            time.sleep(STATUS_EVERY_S)
-            if APP_NAME not in serve.status().applications:  # deleted from elsewhere (`serve shutdown`)
-                print("phi3v: the Ray Serve app was removed from the cluster; exiting", file=sys.stderr)
-                return 1
-    except KeyboardInterrupt:
+        next_check = time.monotonic() + STATUS_EVERY_S
+        while not stop:
+            time.sleep(SIGNAL_POLL_S)
+            if not stop and time.monotonic() >= next_check:
+                if APP_NAME not in serve.status().applications:  # deleted from elsewhere (`serve shutdown`)
+                    print("phi3v: the Ray Serve app was removed from the cluster; exiting", file=sys.stderr)
+                    return 1
+                next_check = time.monotonic() + STATUS_EVERY_S
         print("phi3v: stopping the replicas ...", file=sys.stderr)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _tear_down(ray, serve, app_name: str, started_here: bool) -> None:
